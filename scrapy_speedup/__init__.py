@@ -1,0 +1,38 @@
+"""scrapy-speedup: make Scrapy crawls use the whole machine.
+
+Enable it with ``ADDONS = {"scrapy_speedup.Addon": 500}`` in ``settings.py``.
+"""
+
+from __future__ import annotations
+
+from scrapy_speedup.addon import Addon
+from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
+from scrapy_speedup.exceptions import (
+    OffloadError,
+    PoolClosedError,
+    TaskTimeoutError,
+    UnpicklableError,
+    WorkerCrashedError,
+    WorkerInitError,
+)
+from scrapy_speedup.extension import SpeedupExtension
+from scrapy_speedup.offload import CpuBoundFunction, cpu_bound, run_in_process
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Addon",
+    "CpuBoundFunction",
+    "OffloadError",
+    "PoolClosedError",
+    "SpeedupConfig",
+    "SpeedupExtension",
+    "SpeedupSettingsError",
+    "TaskTimeoutError",
+    "UnpicklableError",
+    "WorkerCrashedError",
+    "WorkerInitError",
+    "__version__",
+    "cpu_bound",
+    "run_in_process",
+]

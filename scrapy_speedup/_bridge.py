@@ -1,0 +1,111 @@
+"""The one bridge between worker threads and the reactor thread.
+
+Results of offloaded work are produced on other threads (the executor's
+manager thread, a pool thread). They are handed to the reactor thread with
+``loop.call_soon_threadsafe`` when an asyncio loop runs (the default asyncio
+reactor, and Scrapy's reactorless mode) or ``reactor.callFromThread`` on a
+plain Twisted reactor, and complete a waiter that the caller awaits: an
+``asyncio.Future`` or a ``Deferred``. The reactor thread never blocks on a
+result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import TYPE_CHECKING, Any
+
+from scrapy.utils.asyncio import call_later, is_asyncio_available
+from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from scrapy.utils.asyncio import CallLaterResult
+
+__all__ = ["Bridge"]
+
+
+class Bridge:
+    """Thread hand-off and waiters for the runtime the crawl runs on.
+
+    Build it on the reactor thread, once the reactor or loop runs.
+    """
+
+    def __init__(self) -> None:
+        self.uses_asyncio: bool = is_asyncio_available()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if self.uses_asyncio:
+            self._loop = asyncio.get_event_loop()
+        self.thread_id = threading.get_ident()
+
+    @property
+    def runtime(self) -> str:
+        if not self.uses_asyncio:
+            return "twisted"
+        from scrapy.utils.reactorless import is_reactorless
+
+        return "reactorless asyncio" if is_reactorless() else "asyncio reactor"
+
+    def new_waiter(self) -> asyncio.Future[Any] | Deferred[Any]:
+        if self._loop is not None:
+            return self._loop.create_future()
+        return Deferred()
+
+    @staticmethod
+    def is_pending(waiter: asyncio.Future[Any] | Deferred[Any]) -> bool:
+        if isinstance(waiter, Deferred):
+            return not waiter.called
+        return not waiter.done()
+
+    def resolve(self, waiter: asyncio.Future[Any] | Deferred[Any], value: Any) -> None:
+        """Complete *waiter*; a waiter the caller cancelled is left alone."""
+        if not self.is_pending(waiter):
+            return
+        if isinstance(waiter, Deferred):
+            waiter.callback(value)
+        else:
+            waiter.set_result(value)
+
+    def fail(self, waiter: asyncio.Future[Any] | Deferred[Any], exc: BaseException) -> None:
+        if not self.is_pending(waiter):
+            return
+        if isinstance(waiter, Deferred):
+            waiter.errback(exc)
+        else:
+            waiter.set_exception(exc)
+
+    def call_from_thread(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run ``func(*args)`` on the reactor thread; callable from any thread."""
+        if self._loop is not None:
+            # The loop is closed after a forced stop; late results have no one
+            # to go to and are counted as abandoned by the pool.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(func, *args)
+            return
+        from twisted.internet import reactor
+
+        reactor.callFromThread(func, *args)
+
+    @staticmethod
+    def call_later(delay: float, func: Callable[..., Any], *args: Any) -> CallLaterResult:
+        return call_later(delay, func, *args)
+
+    def run_in_new_thread(
+        self, func: Callable[[], Any], name: str
+    ) -> asyncio.Future[Any] | Deferred[Any]:
+        """Run a blocking *func* (e.g. a pool's shutdown) on a new daemon thread
+        and return a waiter completed with its result on the reactor thread."""
+        waiter = self.new_waiter()
+
+        def target() -> None:
+            try:
+                result = func()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                self.call_from_thread(self.fail, waiter, exc)
+            else:
+                self.call_from_thread(self.resolve, waiter, result)
+
+        threading.Thread(target=target, name=name, daemon=True).start()
+        return waiter

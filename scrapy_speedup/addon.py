@@ -1,0 +1,56 @@
+"""``scrapy_speedup.Addon``: one line in ``ADDONS`` turns scrapy-speedup on."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from scrapy.utils.misc import load_object
+
+from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
+from scrapy_speedup.extension import SpeedupExtension
+from scrapy_speedup.pipelines import process_pipeline_class
+
+if TYPE_CHECKING:
+    from scrapy.settings import BaseSettings
+
+__all__ = ["Addon"]
+
+
+class Addon:
+    """Enable with ``ADDONS = {"scrapy_speedup.Addon": 500}``.
+
+    Adds :class:`SpeedupExtension` and moves the pipelines listed in
+    ``SPEEDUP_PROCESS_PIPELINES`` into the process pool. Settings are checked
+    here, so a bad value stops the crawl before it starts.
+    """
+
+    def update_settings(self, settings: BaseSettings) -> None:
+        config = SpeedupConfig.from_settings(settings)
+        if not config.enabled:
+            return
+        settings.set_in_component_priority_dict("EXTENSIONS", SpeedupExtension, 0)
+        if config.process_enabled:
+            self._offload_pipelines(settings, config.process_pipelines)
+
+    @staticmethod
+    def _offload_pipelines(settings: BaseSettings, paths: tuple[str, ...]) -> None:
+        enabled = {
+            load_object(key): priority
+            for key, priority in settings.getdict("ITEM_PIPELINES").items()
+            if priority is not None
+        }
+        for index, path in enumerate(paths):
+            try:
+                cls = load_object(path)
+            except (ImportError, NameError, ValueError) as exc:
+                raise SpeedupSettingsError(
+                    f"SPEEDUP_PROCESS_PIPELINES lists {path!r}, which cannot be imported: {exc}"
+                ) from exc
+            if cls not in enabled:
+                raise SpeedupSettingsError(
+                    f"SPEEDUP_PROCESS_PIPELINES lists {path!r}, which is not enabled in"
+                    " ITEM_PIPELINES; add it there with the priority it should run at"
+                )
+            settings.replace_in_component_priority_dict(
+                "ITEM_PIPELINES", cls, process_pipeline_class(path, index)
+            )

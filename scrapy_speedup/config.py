@@ -1,0 +1,140 @@
+"""Settings of scrapy-speedup, parsed and validated once per crawler."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scrapy.settings import BaseSettings
+
+    # typing.Self requires Python 3.11
+    from typing_extensions import Self
+
+__all__ = ["SpeedupConfig", "SpeedupSettingsError", "default_start_method"]
+
+#: Offloading a function costs the reactor thread roughly 0.1-0.3 ms (pickling,
+#: the executor's queues, waking the loop). A function that runs for less than
+#: this is cheaper to run inline; see docs/usage/process.rst.
+DEFAULT_INLINE_BELOW_MS = 1.0
+
+
+class SpeedupSettingsError(ValueError):
+    """A ``SPEEDUP_*`` setting has a value that scrapy-speedup cannot use.
+
+    Raised while the crawler is built, so that a crawl never runs without the
+    speedup its settings ask for.
+    """
+
+
+def default_start_method() -> str:
+    # "fork" from a process that runs threads (Twisted's pool, the executor's
+    # own threads) can copy a held lock into the child and deadlock it, so it
+    # is never a default; forkserver forks from a clean, single-threaded server.
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _get(settings: BaseSettings, name: str, kind: type, default: Any) -> Any:
+    value = settings.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        if kind is bool:
+            return settings.getbool(name)
+        if isinstance(value, bool):  # bool is an int: True workers is a typo
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SpeedupSettingsError(
+            f"{name} ({value!r}) must be {_KIND_NAMES[kind]}"
+        ) from None
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "True or False"}
+
+
+def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        floor = "0 or more" if allow_zero else "more than 0"
+        raise SpeedupSettingsError(f"{name} ({value!r}) must be {floor}")
+
+
+@dataclass(frozen=True)
+class SpeedupConfig:
+    """Every ``SPEEDUP_*`` setting, with its default filled in.
+
+    The reference of each setting, its type and default, is
+    ``docs/reference/settings.rst``.
+    """
+
+    enabled: bool
+    process_enabled: bool
+    process_workers: int
+    process_start_method: str
+    process_max_in_flight: int
+    process_retry_times: int
+    process_timeout_seconds: float | None
+    process_max_tasks_per_child: int | None
+    process_inline_below_ms: float
+    process_pipelines: tuple[str, ...]
+    shutdown_timeout_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: BaseSettings) -> Self:
+        workers = _get(settings, "SPEEDUP_PROCESS_WORKERS", int, os.cpu_count() or 1)
+        _positive("SPEEDUP_PROCESS_WORKERS", workers)
+        start_method = str(
+            settings.get("SPEEDUP_PROCESS_START_METHOD") or default_start_method()
+        )
+        if start_method not in ("forkserver", "spawn"):
+            raise SpeedupSettingsError(
+                f"SPEEDUP_PROCESS_START_METHOD ({start_method!r}) must be"
+                " 'forkserver' or 'spawn': 'fork' copies the crawl's threads'"
+                " locks into the workers and can deadlock them"
+            )
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise SpeedupSettingsError(
+                f"SPEEDUP_PROCESS_START_METHOD ({start_method!r}) is not available"
+                f" on this platform; available: {multiprocessing.get_all_start_methods()}"
+            )
+        # Two tasks per worker: one running, one pickled and waiting, so that a
+        # worker never idles while the reactor thread prepares its next task.
+        max_in_flight = _get(settings, "SPEEDUP_PROCESS_MAX_IN_FLIGHT", int, 2 * workers)
+        _positive("SPEEDUP_PROCESS_MAX_IN_FLIGHT", max_in_flight)
+        retry_times = _get(settings, "SPEEDUP_PROCESS_RETRY_TIMES", int, 1)
+        _positive("SPEEDUP_PROCESS_RETRY_TIMES", retry_times, allow_zero=True)
+        timeout = _get(settings, "SPEEDUP_PROCESS_TIMEOUT_SECONDS", float, None)
+        _positive("SPEEDUP_PROCESS_TIMEOUT_SECONDS", timeout)
+        max_tasks = _get(settings, "SPEEDUP_PROCESS_MAX_TASKS_PER_CHILD", int, None)
+        _positive("SPEEDUP_PROCESS_MAX_TASKS_PER_CHILD", max_tasks)
+        inline_below = _get(
+            settings, "SPEEDUP_PROCESS_INLINE_BELOW_MS", float, DEFAULT_INLINE_BELOW_MS
+        )
+        _positive("SPEEDUP_PROCESS_INLINE_BELOW_MS", inline_below, allow_zero=True)
+        shutdown_timeout = _get(settings, "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0)
+        _positive("SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", shutdown_timeout)
+
+        pipelines = settings.getlist("SPEEDUP_PROCESS_PIPELINES")
+        for path in pipelines:
+            if not isinstance(path, str):
+                raise SpeedupSettingsError(
+                    f"SPEEDUP_PROCESS_PIPELINES must list import paths as strings,"
+                    f" got {path!r}"
+                )
+        return cls(
+            enabled=_get(settings, "SPEEDUP_ENABLED", bool, True),
+            process_enabled=_get(settings, "SPEEDUP_PROCESS_ENABLED", bool, True),
+            process_workers=workers,
+            process_start_method=start_method,
+            process_max_in_flight=max_in_flight,
+            process_retry_times=retry_times,
+            process_timeout_seconds=timeout,
+            process_max_tasks_per_child=max_tasks,
+            process_inline_below_ms=inline_below,
+            process_pipelines=tuple(pipelines),
+            shutdown_timeout_seconds=shutdown_timeout,
+        )

@@ -1,0 +1,3 @@
+from scrapy_speedup.demo.site import main
+
+main()
