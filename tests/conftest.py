@@ -1,0 +1,172 @@
+"""Fixtures: a real demo site on 127.0.0.1, the three runtimes, and real
+``scrapy crawl`` subprocesses whose stats, items and log the tests read."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+PROJECT = Path(__file__).parent / "project"
+REPO = Path(__file__).parent.parent
+
+#: Settings that select each runtime scrapy-speedup supports.
+RUNTIMES: dict[str, dict[str, str]] = {
+    "asyncio": {},
+    "epoll": {"TWISTED_REACTOR": "twisted.internet.epollreactor.EPollReactor"},
+    "reactorless": {"TWISTED_REACTOR_ENABLED": "False"},
+}
+
+
+@dataclass
+class DemoSite:
+    url: str
+    process: subprocess.Popen[str]
+
+
+def start_demo_site(products: int, latency_ms: float) -> DemoSite:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scrapy_speedup.demo", "--products", str(products),
+         "--latency-ms", str(latency_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # blocks until it listens (or dies)
+    match = re.search(r"listening on (http://\S+)", line)
+    if not match:
+        process.kill()
+        raise RuntimeError(f"demo site did not start: {line!r}")
+    return DemoSite(match[1], process)
+
+
+@pytest.fixture(scope="session")
+def demo_site() -> Iterator[DemoSite]:
+    site = start_demo_site(products=500, latency_ms=5)
+    yield site
+    site.process.terminate()
+    site.process.wait(10)
+
+
+@pytest.fixture(params=list(RUNTIMES))
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@dataclass
+class CrawlResult:
+    returncode: int
+    log: str
+    stats: dict[str, Any]
+    items: list[dict[str, Any]]
+    descendants: set[int] = field(default_factory=set)
+
+    def stat(self, name: str) -> int:
+        return int(self.stats.get(name, 0))
+
+    def alive_descendants(self, grace: float = 5.0) -> list[int]:
+        """Descendants still running *grace* seconds after the crawl exited
+        (the fork server and resource tracker exit when they see it gone)."""
+        processes = []
+        for pid in self.descendants:
+            try:
+                processes.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(processes, timeout=grace)
+        return [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+class Crawl:
+    """A ``scrapy crawl`` subprocess of the test project."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        spider: str = "products",
+        *,
+        settings: dict[str, Any] | None = None,
+        args: dict[str, Any] | None = None,
+        runtime: str = "asyncio",
+    ) -> None:
+        self.stats_file = tmp_path / "stats.json"
+        self.items_file = tmp_path / "items.jsonl"
+        self.log_file = tmp_path / "crawl.log"
+        all_settings = {**RUNTIMES[runtime], **(settings or {})}
+        cmd = [sys.executable, "-m", "scrapy", "crawl", spider,
+               "-o", f"{self.items_file}:jsonlines",
+               "-s", f"TEST_STATS_FILE={self.stats_file}"]
+        for key, value in all_settings.items():
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            cmd += ["-s", f"{key}={text}"]
+        for key, value in (args or {}).items():
+            cmd += ["-a", f"{key}={value}"]
+        env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{REPO}"}
+        self._log = open(self.log_file, "w")  # noqa: SIM115 - closed in result()
+        self.process = subprocess.Popen(
+            cmd, cwd=PROJECT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.descendants: set[int] = set()
+
+    def track_descendants(self) -> set[int]:
+        try:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                self.descendants.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+        return self.descendants
+
+    def wait_for_log(self, pattern: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.track_descendants()
+            if re.search(pattern, self.log_file.read_text()):
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in the log:\n{self.log_file.read_text()}")
+
+    def interrupt(self) -> None:
+        self.track_descendants()
+        self.process.send_signal(signal.SIGINT)
+
+    def result(self, timeout: float = 90) -> CrawlResult:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"crawl still running after {timeout} s:\n"
+                                     f"{self.log_file.read_text()}")
+            self.track_descendants()
+            time.sleep(0.05)
+        self._log.close()
+        stats = json.loads(self.stats_file.read_text()) if self.stats_file.exists() else {}
+        items = []
+        if self.items_file.exists():
+            items = [json.loads(line) for line in self.items_file.read_text().splitlines()]
+        return CrawlResult(self.process.returncode, self.log_file.read_text(), stats, items,
+                           self.descendants)
+
+
+def run_crawl(tmp_path: Path, *, timeout: float = 90, **kwargs: Any) -> CrawlResult:
+    return Crawl(tmp_path, **kwargs).result(timeout)
+
+
+def assert_process_stats_add_up(result: CrawlResult) -> None:
+    """Every task ends succeeded, dropped, errored or abandoned."""
+    s = result.stat
+    ended = (s("speedup/process/succeeded_count") + s("speedup/process/dropped_count")
+             + s("speedup/process/error_count") + s("speedup/process/abandoned_count"))
+    assert s("speedup/process/task_count") == ended, result.stats
