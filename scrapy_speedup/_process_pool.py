@@ -596,8 +596,8 @@ def warm_up_fork_server(config: SpeedupConfig) -> None:
 
     modules = ["scrapy_speedup._worker", "scrapy.crawler"]
     modules += [path.rpartition(".")[0] for path in config.process_pipelines]
-    # Preloading ignores modules that fail to import; workers then report the
-    # error themselves.
+    # Preloading ignores modules that fail to import (workers then report the
+    # error themselves); once the server runs, ensure_running() does nothing.
     forkserver.set_forkserver_preload(modules)
     forkserver.ensure_running()
 

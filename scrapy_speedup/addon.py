@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from scrapy.utils.misc import load_object
 
+from scrapy_speedup._process_pool import warm_up_fork_server
 from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
 from scrapy_speedup.extension import SpeedupExtension
 from scrapy_speedup.pipelines import process_pipeline_class
@@ -31,6 +32,9 @@ class Addon:
         settings.set_in_component_priority_dict("EXTENSIONS", SpeedupExtension, 0)
         if config.process_enabled:
             self._offload_pipelines(settings, config.process_pipelines)
+            # The earliest hook there is: the fork server imports Scrapy while
+            # Scrapy builds the crawler, so the first worker starts at once.
+            warm_up_fork_server(config)
 
     @staticmethod
     def _offload_pipelines(settings: BaseSettings, paths: tuple[str, ...]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -63,6 +64,18 @@ def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> No
         raise SpeedupSettingsError(f"{name} ({value!r}) must be {floor}")
 
 
+def _get_list(settings: BaseSettings, name: str) -> list[Any]:
+    """Like ``getlist``, and a JSON list from the command line works too."""
+    value = settings.get(name)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise SpeedupSettingsError(f"{name} ({value!r}) is not a valid JSON list") from None
+        return list(parsed)
+    return settings.getlist(name)
+
+
 @dataclass(frozen=True)
 class SpeedupConfig:
     """Every ``SPEEDUP_*`` setting, with its default filled in.
@@ -118,7 +131,7 @@ class SpeedupConfig:
         shutdown_timeout = _get(settings, "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0)
         _positive("SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", shutdown_timeout)
 
-        pipelines = settings.getlist("SPEEDUP_PROCESS_PIPELINES")
+        pipelines = _get_list(settings, "SPEEDUP_PROCESS_PIPELINES")
         for path in pipelines:
             if not isinstance(path, str):
                 raise SpeedupSettingsError(

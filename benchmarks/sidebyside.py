@@ -1,0 +1,155 @@
+"""Run the demo crawl several ways against the local demo site and compare.
+
+Each run is a real ``scrapy crawl catalogue`` process of ``example_project``.
+Throughput is end-to-end: pages over the wall time of the whole process,
+start-up and shut-down included, so that a pool's start-up cost counts.
+CPU is the user + system time of the crawl's whole process tree (workers
+included), sampled every 0.1 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = ROOT / "example_project"
+
+__all__ = ["CrawlRun", "DemoSite", "compare_items", "run_crawl"]
+
+
+class DemoSite:
+    """``python -m scrapy_speedup.demo`` in a subprocess, for a ``with`` block."""
+
+    def __init__(self, products: int, latency_ms: float) -> None:
+        self.products, self.latency_ms = products, latency_ms
+
+    def __enter__(self) -> DemoSite:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "scrapy_speedup.demo", "--products", str(self.products),
+             "--latency-ms", str(self.latency_ms)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        match = re.search(r"listening on (\S+)", line)
+        if not match:
+            self.process.kill()
+            raise RuntimeError(f"the demo site did not start: {line!r}")
+        self.url = match[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@dataclass
+class CrawlRun:
+    label: str
+    pages: int
+    items: int
+    wall_s: float
+    cpu_s: float
+    stats: dict[str, Any]
+    item_rows: list[dict[str, Any]] = field(repr=False)
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.pages / self.wall_s
+
+    @property
+    def cores_busy(self) -> float:
+        return self.cpu_s / self.wall_s
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "label": self.label, "pages": self.pages, "items": self.items,
+            "wall_s": round(self.wall_s, 3), "pages_per_s": round(self.pages_per_s, 1),
+            "cpu_s": round(self.cpu_s, 2), "cores_busy": round(self.cores_busy, 2),
+            "speedup_stats": {k: v for k, v in self.stats.items() if k.startswith("speedup/")},
+        }
+
+
+def _tree_cpu(root: psutil.Process, seen: dict[int, float]) -> None:
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        seen[process.pid] = times.user + times.system
+
+
+def run_crawl(label: str, site: str, settings: dict[str, Any] | None = None,
+              args: dict[str, Any] | None = None, timeout_s: float = 600) -> CrawlRun:
+    with tempfile.TemporaryDirectory() as tmp:
+        stats_file, items_file = Path(tmp, "stats.json"), Path(tmp, "items.jsonl")
+        cmd = [sys.executable, "-m", "scrapy", "crawl", "catalogue", "-a", f"site={site}",
+               "-o", f"{items_file}:jsonlines",
+               "-s", "STATS_CLASS=jsonstats.JsonStatsCollector",
+               "-s", f"BENCH_STATS_FILE={stats_file}", "-s", "LOG_LEVEL=WARNING"]
+        for key, value in (settings or {}).items():
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            cmd += ["-s", f"{key}={text}"]
+        for key, value in (args or {}).items():
+            cmd += ["-a", f"{key}={value}"]
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(PROJECT)])}
+        cpu: dict[int, float] = {}
+        started = time.perf_counter()
+        process = subprocess.Popen(cmd, cwd=PROJECT, env=env, stderr=subprocess.PIPE, text=True)
+        root = psutil.Process(process.pid)
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None:
+            _tree_cpu(root, cpu)
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{label}: crawl ran past {timeout_s} s")
+            time.sleep(0.1)
+        wall = time.perf_counter() - started
+        _, err = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"{label}: crawl failed ({process.returncode}):\n{err}")
+        stats = json.loads(stats_file.read_text())
+        rows = [json.loads(line) for line in items_file.read_text().splitlines()]
+    return CrawlRun(label, int(stats.get("response_received_count", 0)),
+                    int(stats.get("item_scraped_count", 0)), wall, sum(cpu.values()),
+                    stats, rows)
+
+
+def compare_items(a: CrawlRun, b: CrawlRun, ignore: tuple[str, ...] = ()) -> bool:
+    """Same items, by URL. *ignore* names fields that depend on crawl order."""
+
+    def key(run: CrawlRun) -> dict[str, dict[str, Any]]:
+        return {row["url"]: {k: v for k, v in row.items() if k not in ignore}
+                for row in run.item_rows}
+
+    return key(a) == key(b)
+
+
+def median_run(runs: list[CrawlRun]) -> CrawlRun:
+    """The run with the median throughput (of an odd number of runs)."""
+    middle = statistics.median_low([r.pages_per_s for r in runs])
+    return next(r for r in runs if r.pages_per_s == middle)
+
+
+def print_table(runs: list[CrawlRun], baseline: CrawlRun) -> None:
+    print(f"{'':28} {'pages':>6} {'seconds':>8} {'pages/s':>8} {'ratio':>6} {'CPU cores busy':>15}")
+    for run in runs:
+        print(f"{run.label:28} {run.pages:6d} {run.wall_s:8.2f} {run.pages_per_s:8.1f}"
+              f" {run.pages_per_s / baseline.pages_per_s:5.2f}x {run.cores_busy:15.2f}")
