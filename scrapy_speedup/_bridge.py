@@ -1,12 +1,12 @@
-"""The one bridge between worker threads and the reactor thread.
+"""The one bridge between offloaded work and the reactor thread.
 
-Results of offloaded work are produced on other threads (the executor's
-manager thread, a pool thread). They are handed to the reactor thread with
-``loop.call_soon_threadsafe`` when an asyncio loop runs (the default asyncio
-reactor, and Scrapy's reactorless mode) or ``reactor.callFromThread`` on a
-plain Twisted reactor, and complete a waiter that the caller awaits: an
-``asyncio.Future`` or a ``Deferred``. The reactor thread never blocks on a
-result.
+Results of offloaded work arrive on the reactor thread in one of two ways:
+worker processes write to sockets that the reactor watches (``add_reader``),
+and other threads hand results over with ``loop.call_soon_threadsafe`` when
+an asyncio loop runs (the default asyncio reactor, and Scrapy's reactorless
+mode) or ``reactor.callFromThread`` on a plain Twisted reactor. Either way
+they complete a waiter that the caller awaits: an ``asyncio.Future`` or a
+``Deferred``. The reactor thread never blocks on a result.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from scrapy.utils.asyncio import call_later, is_asyncio_available
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from zope.interface import implementer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,6 +27,33 @@ if TYPE_CHECKING:
     from scrapy.utils.asyncio import CallLaterResult
 
 __all__ = ["Bridge"]
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _FileDescriptor:
+    """What Twisted's reactor watches for a file descriptor of ours."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.on_read: Callable[[], None] | None = None
+        self.on_write: Callable[[], None] | None = None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:  # noqa: N802 - Twisted's name
+        if self.on_read is not None:
+            self.on_read()
+
+    def doWrite(self) -> None:  # noqa: N802 - Twisted's name
+        if self.on_write is not None:
+            self.on_write()
+
+    def connectionLost(self, reason: object) -> None:  # noqa: N802 - Twisted's name
+        pass
+
+    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+        return "scrapy-speedup"
 
 
 class Bridge:
@@ -38,7 +67,7 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         if self.uses_asyncio:
             self._loop = asyncio.get_event_loop()
-        self.thread_id = threading.get_ident()
+        self._descriptors: dict[int, _FileDescriptor] = {}
 
     @property
     def runtime(self) -> str:
@@ -87,6 +116,40 @@ class Bridge:
         from twisted.internet import reactor
 
         reactor.callFromThread(func, *args)
+
+    def watch(
+        self,
+        fd: int,
+        *,
+        on_read: Callable[[], None] | None = None,
+        on_write: Callable[[], None] | None = None,
+    ) -> None:
+        """Call *on_read* / *on_write* on the reactor thread whenever *fd* is
+        readable / writable; ``None`` stops watching for that event."""
+        if self._loop is not None:
+            for callback, add, remove in (
+                (on_read, self._loop.add_reader, self._loop.remove_reader),
+                (on_write, self._loop.add_writer, self._loop.remove_writer),
+            ):
+                if callback is None:
+                    remove(fd)
+                else:
+                    add(fd, callback)
+            return
+        from twisted.internet import reactor
+
+        descriptor = self._descriptors.setdefault(fd, _FileDescriptor(fd))
+        for old, new, add, remove in (
+            (descriptor.on_read, on_read, reactor.addReader, reactor.removeReader),
+            (descriptor.on_write, on_write, reactor.addWriter, reactor.removeWriter),
+        ):
+            if new is None and old is not None:
+                remove(descriptor)
+            elif new is not None and old is None:
+                add(descriptor)
+        descriptor.on_read, descriptor.on_write = on_read, on_write
+        if on_read is None and on_write is None:
+            del self._descriptors[fd]
 
     @staticmethod
     def call_later(delay: float, func: Callable[..., Any], *args: Any) -> CallLaterResult:

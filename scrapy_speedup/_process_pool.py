@@ -1,36 +1,47 @@
 """The process pool of one crawler: dispatch, faults, backpressure and drain.
 
-Built on :class:`concurrent.futures.ProcessPoolExecutor`. What it adds:
+Each worker is a ``multiprocessing`` process (``forkserver`` or ``spawn``)
+with one socket to the crawl, which the reactor watches like any other
+connection: tasks are written to it and results read from it on the reactor
+thread. ``concurrent.futures.ProcessPoolExecutor`` was the first design; it
+costs the crawl ~0.4 ms of CPU and three thread hand-offs per task (its
+manager and feeder threads compete with a busy reactor for the GIL), which
+kept a 2-core crawl at 1.35x instead of near 2x (docs/benchmarks.rst). Owning
+the sockets also makes faults exact:
 
-* **Bounded in-flight.** At most ``max_in_flight`` tasks are in the executor;
-  the rest wait in a queue while their callers await, so Scrapy's scraper
-  slot fills and the downloader waits: a slow pool slows the crawl.
-* **Blame, not guesswork, when a worker dies.** The executor fails *every*
-  pending task when one worker dies. Each in-flight task owns a slot in a
-  shared array where its worker writes its pid when it starts, so the pool
-  knows which task was on the dead worker: that task is retried up to
-  ``SPEEDUP_PROCESS_RETRY_TIMES`` and then errors; the others are resubmitted
-  and lose nothing.
+* **Bounded in-flight.** Each worker holds at most ``max_in_flight / workers``
+  tasks (one running, the rest queued in its socket so it never idles while
+  the reactor is busy); the rest wait in a queue while their callers await, so
+  Scrapy's scraper slot fills and the downloader waits: a slow pool slows the
+  crawl.
+* **Blame, not guesswork.** The pool knows which tasks a worker holds, and
+  the worker writes the task it runs to shared memory, so when a worker dies
+  only that task is retried (up to ``SPEEDUP_PROCESS_RETRY_TIMES``) or errors;
+  the others go to another worker and lose nothing.
 * **Timeouts** kill only the worker that runs the late task.
-* **Cheap functions run inline.** Offloading costs the reactor thread about
-  0.1-0.3 ms; a function measured below ``SPEEDUP_PROCESS_INLINE_BELOW_MS``
-  runs on the reactor thread instead (``run_in_process`` only).
+* **Cheap functions run inline.** A function measured below
+  ``SPEEDUP_PROCESS_INLINE_BELOW_MS`` runs on the reactor thread instead
+  (``run_in_process`` only): offloading it would cost more than it saves.
 
-All methods except ``_done_in_thread`` run on the reactor thread.
+Everything here runs on the reactor thread.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import math
 import multiprocessing
+import multiprocessing.util  # imported before atexit.register below, see there
 import os
+import pickle
 import signal
+import struct
 import sys
-import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -51,26 +62,32 @@ from scrapy_speedup.exceptions import (
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
     from scrapy.crawler import Crawler
-    from scrapy.utils.asyncio import CallLaterResult
     from twisted.internet.defer import Deferred
 
     from scrapy_speedup._bridge import Bridge
     from scrapy_speedup.config import SpeedupConfig
 
-__all__ = ["ProcessPool"]
+    Waiter = asyncio.Future[Any] | Deferred[Any]
+
+__all__ = ["ProcessPool", "warm_up_fork_server"]
 
 logger = logging.getLogger(__name__)
 
-# A pool that breaks this many times in a row with no task finishing is not
-# going to recover (a worker that dies while starting, say): fail instead of
-# rebuilding forever.
-_MAX_BREAKS_WITHOUT_PROGRESS = 10
+# Workers that die before they finish starting (a crashing import, say) this
+# many times in a row will not start: fail instead of respawning forever.
+_MAX_START_CRASHES = 3
 # Inline decisions use an exponentially weighted mean of run times; a new
 # sample weighs this much, so a change of page sizes shows within ~10 calls.
 _EWMA_WEIGHT = 0.2
 _MIN_SAMPLES_FOR_INLINE = 3
+# multiprocessing's frame header: a signed 32-bit length, or -1 then 64 bits.
+_HEADER = struct.Struct("!i")
+_BIG_HEADER = struct.Struct("!Q")
+_READ_SIZE = 1 << 20
 
 _STAT = "speedup/process/"
 
@@ -90,16 +107,37 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+def _frame(data: bytes) -> bytes:
+    """*data* framed as ``multiprocessing.Connection.recv_bytes`` expects."""
+    if len(data) > 0x7FFFFFFF:
+        return _HEADER.pack(-1) + _BIG_HEADER.pack(len(data)) + data
+    return _HEADER.pack(len(data)) + data
+
+
 @dataclass(eq=False)
 class _Task:
     payload: bytes
     name: str
-    waiter: asyncio.Future[Any] | Deferred[Any]
+    waiter: Waiter
     queued_at: float = field(default_factory=time.monotonic)
-    attempts: int = 0  # crashes of its own worker
-    slot: int = -1
+    seq: int = 0
+    attempts: int = 0  # deaths of its own worker while it ran
     timed_out: bool = False
-    timer: CallLaterResult | None = None
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    process: BaseProcess
+    conn: Connection
+    fd: int
+    rbuf: bytearray = field(default_factory=bytearray)
+    wbuf: bytearray = field(default_factory=bytearray)
+    assigned: deque[_Task] = field(default_factory=deque)
+    sent: int = 0  # tasks sent over its life, for SPEEDUP_PROCESS_MAX_TASKS_PER_CHILD
+    ready: bool = False
+    stopping: bool = False
+    killed_for: str | None = None  # set when the pool kills it: "timeout", "shutdown"
 
 
 @dataclass
@@ -124,60 +162,61 @@ class ProcessPool:
         self.bridge = bridge
         self.stats = crawler.stats
         self._ctx = multiprocessing.get_context(config.process_start_method)
-        n = config.process_max_in_flight
-        self._slots: Any = self._ctx.RawArray("d", 2 * n)
-        self._free_slots = list(range(n - 1, -1, -1))
-        self._in_flight: dict[int, _Task] = {}
+        n = config.process_workers
+        self._progress: Any = self._ctx.RawArray("d", 2 * n)
+        self._per_worker = max(1, math.ceil(config.process_max_in_flight / n))
+        self._workers: list[_Worker | None] = [None] * n
         self._queue: deque[_Task] = deque()
-        self._events: Any = self._ctx.SimpleQueue()
-        self._events_done = bridge.new_waiter()
-        self._executor: ProcessPoolExecutor | None = None
-        self._generation = 0
-        self._breaks_without_progress = 0
-        self._killed_pids: set[int] = set()
-        self._crashed_pids: set[int] = set()
+        self._in_flight = 0
+        self._seq = 0
         self._timings: dict[str, _Timing] = {}
         self._fatal: BaseException | None = None
+        self._start_crashes = 0
+        self._started = False
         self._closed = False
-        self._drained: asyncio.Future[Any] | Deferred[Any] | None = None
-        self._reader: threading.Thread | None = None
+        self._ready_waiters: list[Waiter] = []
+        self._drained: Waiter | None = None
+        self._exited: Waiter | None = None
+        self._spec: _worker.WorkerSpec | None = None
 
     # -- life cycle -------------------------------------------------------------
 
-    @property
-    def started(self) -> bool:
-        return self._executor is not None
-
     def start(self) -> None:
-        """Create the executor; idempotent. Needs ``crawler.spider`` when
+        """Start the workers; idempotent. Needs ``crawler.spider`` when
         pipelines run in the workers (their copy of the spider is made here)."""
-        if self._executor is not None:
+        if self._started:
             return
         if self._closed:
             raise PoolClosedError("the process pool of this crawl is already closed")
+        self._started = True
         self._spec = _worker.WorkerSpec(
-            slots=self._slots,
-            events=self._events,
+            progress=self._progress,
             log_level=logging.getLogger().getEffectiveLevel(),
             pipelines=self._pipeline_spec(),
         )
-        self._reader = threading.Thread(
-            target=self._read_events, name="speedup-process-events", daemon=True
-        )
-        self._reader.start()
-        self._new_executor()
+        for index in range(self.config.process_workers):
+            self._spawn(index)
         _live_pools.add(self)
         self.stats.set_value(_STAT + "workers", self.config.process_workers)
+        if self.config.process_timeout_seconds is not None:
+            self._schedule_timeout_check()
 
-    def _new_executor(self) -> None:
-        self._executor = ProcessPoolExecutor(
-            max_workers=self.config.process_workers,
-            mp_context=self._ctx,
-            initializer=_worker.initialize,
-            initargs=(self._spec,),
-            max_tasks_per_child=self.config.process_max_tasks_per_child,
+    def _spawn(self, index: int) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_worker.main,
+            args=(child, self._spec, index),
+            name=f"scrapy-speedup-worker-{index}",
         )
-        self._generation += 1
+        process.start()
+        child.close()  # the worker's end: its EOF must mean the worker is gone
+        fd = parent.fileno()
+        os.set_blocking(fd, False)
+        worker = _Worker(index, process, parent, fd)
+        self._progress[2 * index] = self._progress[2 * index + 1] = 0.0
+        self._workers[index] = worker
+        self.bridge.watch(fd, on_read=partial(self._on_readable, worker))
+        self.bridge.watch(process.sentinel, on_read=partial(self._on_exit, worker))
 
     def _pipeline_spec(self) -> _worker.PipelineSpec | None:
         if not self.config.process_pipelines:
@@ -209,14 +248,17 @@ class ProcessPool:
             spider_attrs=attrs,
         )
 
+    def _alive(self) -> list[_Worker]:
+        return [w for w in self._workers if w is not None]
+
     async def close(self) -> None:
-        """Wait for the tasks in flight, then shut the workers down (they run
-        the pipelines' ``close_spider``), waiting at most
+        """Wait for the tasks in flight, then stop the workers (they run the
+        pipelines' ``close_spider``), waiting at most
         ``SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS`` for each step."""
         if self._closed:
             return
         self._closed = True
-        if self._executor is None:
+        if not self._started:
             return
         timeout = self.config.shutdown_timeout_seconds
         if self._in_flight or self._queue:
@@ -224,47 +266,40 @@ class ProcessPool:
             timer = self.bridge.call_later(timeout, self._give_up_drain)
             await self._drained
             timer.cancel()
-        executor = self._executor
-        shutdown = self.bridge.run_in_new_thread(
-            partial(executor.shutdown, wait=True), name="speedup-process-shutdown"
-        )
-        timer = self.bridge.call_later(timeout, self._kill_workers, "shutdown took too long")
-        await shutdown
-        timer.cancel()
+        workers = self._alive()
+        if workers:
+            self._exited = self.bridge.new_waiter()
+            for worker in workers:
+                worker.stopping = True
+                self._send(worker, b"")  # asks the worker to close and exit
+            timer = self.bridge.call_later(timeout, self._kill_all, "shutdown")
+            await self._exited
+            timer.cancel()
         _live_pools.discard(self)
-        self._events.put(None)  # the reader stops after the workers' last events
-        await self._events_done
-        self._executor = None
 
     def _give_up_drain(self) -> None:
         logger.warning(
             "%d offloaded tasks still running after SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS"
             " (%s s); abandoning them",
-            len(self._in_flight) + len(self._queue),
+            self._in_flight + len(self._queue),
             self.config.shutdown_timeout_seconds,
             extra={"crawler": self.crawler},
         )
-        self.abandon()
-        self._kill_workers("tasks abandoned at shutdown")
-
-    def abandon(self) -> int:
-        """Fail every queued and running task with :exc:`PoolClosedError`;
-        return how many there were."""
-        tasks = list(self._queue) + list(self._in_flight.values())
-        self._queue.clear()
-        for task in tasks:
-            self._settle(task, "abandoned", PoolClosedError(f"{task.name} abandoned at shutdown"))
+        while self._queue:
+            task = self._queue.popleft()
+            self._settle(task, "abandoned", PoolClosedError(f"{task.name} abandoned"))
+        self._kill_all("shutdown")
         self._check_drained()
-        return len(tasks)
 
-    def _kill_workers(self, why: str) -> None:
-        executor = self._executor
-        processes = dict(getattr(executor, "_processes", None) or {})
-        for pid, process in processes.items():
-            if process.is_alive():
-                logger.warning("Killing worker pid %d: %s", pid, why)
-                self._killed_pids.add(pid)
-                process.kill()
+    def _kill_all(self, why: str) -> None:
+        for worker in self._alive():
+            if worker.killed_for is None:
+                logger.warning(
+                    "Killing worker pid %s: %s", worker.process.pid, why,
+                    extra={"crawler": self.crawler},
+                )
+                worker.killed_for = why
+                worker.process.kill()
 
     # -- submitting -------------------------------------------------------------
 
@@ -277,19 +312,15 @@ class ProcessPool:
         timing = self._timings.get(key)
         if timing is None:
             timing = self._timings[key] = _Timing()
-        if self._runs_inline(timing):
-            return self._run_inline(func, args, kwargs, timing)
-        payload = _pickling.dumps_message("call", _pickling.call_parts(func, args, kwargs, name))
-        outcome = await self._submit(payload, name)
-        status, value, elapsed = outcome
-        timing.add(elapsed * 1000)
-        return value
-
-    def _runs_inline(self, timing: _Timing) -> bool:
-        return (
+        if (
             timing.samples >= _MIN_SAMPLES_FOR_INLINE
             and timing.mean_ms < self.config.process_inline_below_ms
-        )
+        ):
+            return self._run_inline(func, args, kwargs, timing)
+        payload = _pickling.dumps_message("call", _pickling.call_parts(func, args, kwargs, name))
+        value, elapsed = await self._submit(payload, name)
+        timing.add(elapsed * 1000)
+        return value
 
     def _run_inline(
         self,
@@ -317,200 +348,297 @@ class ProcessPool:
     async def process_item(self, index: int, item: Any, name: str) -> Any:
         """``process_item`` of the index-th pipeline of SPEEDUP_PROCESS_PIPELINES."""
         payload = _pickling.dumps_message("item", [("", index), (f"the item sent to {name}", item)])
-        _, value, _ = await self._submit(payload, name)
+        value, _ = await self._submit(payload, name)
         return value
 
-    async def ping(self) -> None:
-        """Start a worker and raise :exc:`WorkerInitError` if it failed to start."""
-        await self._submit(_pickling.dumps_message("ping", []), "worker start")
+    async def wait_ready(self) -> None:
+        """Start the workers and wait until one is ready; raise
+        :exc:`WorkerInitError` if the pipelines failed to start in it."""
+        self.start()
+        if self._fatal is not None:
+            raise self._fatal
+        if any(w.ready for w in self._alive()):
+            return
+        waiter = self.bridge.new_waiter()
+        self._ready_waiters.append(waiter)
+        await waiter
 
-    async def _submit(self, payload: bytes, name: str) -> tuple[str, Any, float]:
+    async def _submit(self, payload: bytes, name: str) -> tuple[Any, float]:
         self.stats.inc_value(_STAT + "task_count")
         if self._fatal is not None:
             self.stats.inc_value(_STAT + "error_count")
             raise self._fatal
-        if self._closed and self._executor is None:
+        if self._closed:
             self.stats.inc_value(_STAT + "error_count")
             raise PoolClosedError(f"{name}: the process pool of this crawl is closed")
         self.start()
         task = _Task(payload, name, self.bridge.new_waiter())
         self._queue.append(task)
         self._pump()
-        return await task.waiter
+        result: tuple[Any, float] = await task.waiter
+        return result
 
     def _pump(self) -> None:
-        while self._queue and self._free_slots and self._executor is not None:
+        limit = self.config.process_max_tasks_per_child
+        while self._queue:
+            candidates = [
+                w
+                for w in self._workers
+                if w is not None
+                and w.ready
+                and not w.stopping
+                and w.killed_for is None
+                and len(w.assigned) < self._per_worker
+                and (limit is None or w.sent < limit)
+            ]
+            if not candidates:
+                return
+            worker = min(candidates, key=lambda w: len(w.assigned))
             task = self._queue.popleft()
-            slot = self._free_slots.pop()
-            self._slots[2 * slot] = self._slots[2 * slot + 1] = 0.0
-            task.slot = slot
-            self._in_flight[slot] = task
-            self.stats.max_value(_STAT + "in_flight_max", len(self._in_flight))
+            self._seq += 1
+            task.seq = self._seq
+            worker.assigned.append(task)
+            worker.sent += 1
+            self._in_flight += 1
+            self.stats.max_value(_STAT + "in_flight_max", self._in_flight)
             self.stats.max_value(
                 _STAT + "queue_wait_seconds_max", round(time.monotonic() - task.queued_at, 3)
             )
-            generation = self._generation
+            self._send(worker, _worker.SEQ.pack(task.seq) + task.payload)
+            if limit is not None and worker.sent >= limit:
+                # Recycled: it runs close_spider and exits after this task, and
+                # _on_exit starts its replacement.
+                worker.stopping = True
+                self._send(worker, b"")
+
+    # -- the sockets ------------------------------------------------------------
+
+    def _send(self, worker: _Worker, data: bytes) -> None:
+        """Write a frame without ever blocking the reactor: what the socket
+        does not take now is written when it becomes writable."""
+        frame = _frame(data)
+        if not worker.wbuf:
             try:
-                future = self._executor.submit(_worker.run_task, slot, task.payload)
-            except BrokenExecutor:
-                # Broken before its futures told us: they will, and rebuild it.
-                self._release(task)
-                self._queue.appendleft(task)
+                written = os.write(worker.fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:  # the worker is gone; its exit is handled by _on_exit
                 return
-            future.add_done_callback(
-                partial(self._done_in_thread, task, generation, self._executor)
+            if written == len(frame):
+                return
+            frame = frame[written:]
+            self.bridge.watch(
+                worker.fd,
+                on_read=partial(self._on_readable, worker),
+                on_write=partial(self._on_writable, worker),
             )
-            if self.config.process_timeout_seconds is not None:
-                task.timer = self.bridge.call_later(
-                    self.config.process_timeout_seconds, self._check_timeout, task, generation
+        worker.wbuf += frame
+
+    def _on_writable(self, worker: _Worker) -> None:
+        try:
+            written = os.write(worker.fd, worker.wbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(worker.wbuf)
+        del worker.wbuf[:written]
+        if not worker.wbuf:
+            self.bridge.watch(worker.fd, on_read=partial(self._on_readable, worker))
+
+    def _on_readable(self, worker: _Worker) -> None:
+        try:
+            chunk = os.read(worker.fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # EOF: the worker is gone, and _on_exit says how
+            self.bridge.watch(worker.fd)
+            return
+        worker.rbuf += chunk
+        self._read_frames(worker)
+
+    def _read_frames(self, worker: _Worker) -> None:
+        buf, pos = worker.rbuf, 0
+        while len(buf) - pos >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            start = pos + _HEADER.size
+            if size == -1:
+                if len(buf) - start < _BIG_HEADER.size:
+                    break
+                (size,) = _BIG_HEADER.unpack_from(buf, start)
+                start += _BIG_HEADER.size
+            if len(buf) - start < size:
+                break
+            frame = bytes(buf[start : start + size])
+            pos = start + size
+            self._on_frame(worker, frame)
+        del buf[:pos]
+
+    def _on_frame(self, worker: _Worker, frame: bytes) -> None:
+        kind = frame[:1]
+        if kind == _worker.RESULT:
+            (seq,) = _worker.SEQ.unpack_from(frame, 1)
+            task = worker.assigned.popleft()
+            assert task.seq == seq, (task.seq, seq)
+            self._in_flight -= 1
+            self._on_result(task, memoryview(frame)[1 + _worker.SEQ.size :])
+            self._pump()
+            self._check_drained()
+        elif kind == _worker.LOG:
+            record = pickle.loads(frame[1:])
+            logging.getLogger(record.name).handle(record)
+        elif kind == _worker.STATS:
+            self.apply_stats(pickle.loads(frame[1:]))
+        elif kind == _worker.STARTED:
+            init_error = pickle.loads(frame[1:])
+            if init_error is None:
+                worker.ready = True
+                self._start_crashes = 0
+                for waiter in self._ready_waiters:
+                    self.bridge.resolve(waiter, None)
+                self._ready_waiters.clear()
+                self._pump()
+            else:
+                self._set_fatal(
+                    WorkerInitError(
+                        "a pipeline of SPEEDUP_PROCESS_PIPELINES failed to start in a"
+                        f" worker process:\n{init_error}"
+                    )
                 )
 
-    def _release(self, task: _Task) -> None:
-        if self._in_flight.get(task.slot) is task:
-            del self._in_flight[task.slot]
-            self._free_slots.append(task.slot)
-        task.slot = -1
-        if task.timer is not None:
-            task.timer.cancel()
-            task.timer = None
+    # -- outcomes ---------------------------------------------------------------
 
-    # -- completion -------------------------------------------------------------
-
-    def _done_in_thread(
-        self,
-        task: _Task,
-        generation: int,
-        executor: ProcessPoolExecutor,
-        future: Future[bytes],
-    ) -> None:
-        """Runs on the executor's thread, right as the future completes.
-
-        When a worker died, the executor fails every pending future *before* it
-        terminates the other workers: reading exit codes here tells the task
-        whose worker died from the ones whose worker is still alive."""
-        worker_exit: tuple[int, int | None] | None = None
-        if not future.cancelled() and isinstance(future.exception(), BrokenExecutor):
-            pid = int(self._slots[2 * task.slot]) if task.slot >= 0 else 0
-            # _processes is private, but the only place the exit codes are.
-            process = (getattr(executor, "_processes", None) or {}).get(pid)
-            worker_exit = (pid, process.exitcode if process is not None else None)
-        self.bridge.call_from_thread(self._on_done, task, generation, future, worker_exit)
-
-    def _on_done(
-        self,
-        task: _Task,
-        generation: int,
-        future: Future[bytes],
-        worker_exit: tuple[int, int | None] | None,
-    ) -> None:
-        if task.slot < 0:  # abandoned
-            return
-        self._release(task)
-        error = future.exception() if not future.cancelled() else OffloadError("cancelled")
-        if error is None:
-            self._on_result(task, future.result())
-        elif isinstance(error, BrokenExecutor):
-            self._on_broken(task, generation, error, worker_exit)
-        else:
-            self._settle(task, "error", error)
-        self._pump()
-        self._check_drained()
-
-    def _on_result(self, task: _Task, raw: bytes) -> None:
-        self._breaks_without_progress = 0
+    def _on_result(self, task: _Task, raw: memoryview) -> None:
         status, value, stats_ops, elapsed = _pickling.loads(raw)
         self.apply_stats(stats_ops)
         if status == _worker.OK:
-            self._settle(task, "succeeded", (status, _pickling.loads(value), elapsed))
-        elif status == _worker.INIT_ERROR:
-            error = WorkerInitError(
-                "a pipeline of SPEEDUP_PROCESS_PIPELINES failed to start in a worker"
-                f" process:\n{value}"
-            )
-            self._fatal = error
-            self._settle(task, "error", error)
-            for waiting in list(self._queue):
-                self._queue.remove(waiting)
-                self._settle(waiting, "error", error)
-        else:
-            exc, kind, message, tb = value
-            if exc is None:
-                exc = OffloadError(f"{task.name} raised {kind}: {message}")
-            exc.__cause__ = RemoteTraceback(tb)
-            if isinstance(exc, UnpicklableError):
-                self.stats.inc_value(_STAT + "unpicklable_count")
-            self._settle(task, "dropped" if isinstance(exc, DropItem) else "error", exc)
-
-    def _on_broken(
-        self,
-        task: _Task,
-        generation: int,
-        error: BaseException,
-        worker_exit: tuple[int, int | None] | None,
-    ) -> None:
-        if generation == self._generation and not self._closed:
-            self._breaks_without_progress += 1
-            if self._breaks_without_progress > _MAX_BREAKS_WITHOUT_PROGRESS:
-                self._fatal = WorkerCrashedError(
-                    f"the process pool broke {_MAX_BREAKS_WITHOUT_PROGRESS} times in a"
-                    f" row with no task finishing; last error: {error}"
-                )
-            else:
-                self.stats.inc_value(_STAT + "pool_rebuild_count")
-                assert self._executor is not None
-                self._executor.shutdown(wait=False)
-                self._new_executor()
-        pid, exitcode = worker_exit or (0, None)
-        if task.timed_out:
-            self.stats.inc_value(_STAT + "timeout_count")
-            self._settle(
-                task,
-                "error",
-                TaskTimeoutError(
-                    f"{task.name} ran past SPEEDUP_PROCESS_TIMEOUT_SECONDS"
-                    f" ({self.config.process_timeout_seconds} s); its worker pid {pid}"
-                    " was killed and replaced"
-                ),
-            )
+            self._settle(task, "succeeded", (_pickling.loads(value), elapsed))
             return
-        own_crash = bool(pid) and exitcode is not None and pid not in self._killed_pids
-        if own_crash:
-            if pid not in self._crashed_pids:
-                self._crashed_pids.add(pid)
-                self.stats.inc_value(_STAT + "worker_crash_count")
-                logger.error(
-                    "Worker pid %d died with %s while running %s (attempt %d of %d)",
-                    pid,
-                    _describe_exit(exitcode),
-                    task.name,
-                    task.attempts + 1,
-                    self.config.process_retry_times + 1,
-                    extra={"crawler": self.crawler},
-                )
-            task.attempts += 1
-            if task.attempts > self.config.process_retry_times:
+        exc, kind, message, tb = value
+        if exc is None:
+            exc = OffloadError(f"{task.name} raised {kind}: {message}")
+        exc.__cause__ = RemoteTraceback(tb)
+        if isinstance(exc, UnpicklableError):
+            self.stats.inc_value(_STAT + "unpicklable_count")
+        self._settle(task, "dropped" if isinstance(exc, DropItem) else "error", exc)
+
+    def _on_exit(self, worker: _Worker) -> None:
+        """The worker's process ended: reap it, then retry, fail or hand on
+        the tasks it held, and start a replacement."""
+        self.bridge.watch(worker.process.sentinel)
+        self._drain(worker)  # its last frames: results, logs, close_spider stats
+        self.bridge.watch(worker.fd)
+        worker.conn.close()
+        worker.process.join(1)
+        exitcode, pid = worker.process.exitcode, worker.process.pid
+        with contextlib.suppress(ValueError):  # still running: left to the OS
+            worker.process.close()
+        self._workers[worker.index] = None
+        tasks = list(worker.assigned)
+        self._in_flight -= len(tasks)
+        running_seq = int(self._progress[2 * worker.index])
+        running = tasks[0] if tasks and tasks[0].seq == running_seq else None
+        if worker.killed_for == "shutdown":
+            for task in tasks:
+                self._settle(task, "abandoned", PoolClosedError(f"{task.name} abandoned"))
+            tasks = []
+        elif worker.killed_for == "timeout":
+            for task in [t for t in tasks if t.timed_out]:
+                tasks.remove(task)
+                self.stats.inc_value(_STAT + "timeout_count")
                 self._settle(
                     task,
                     "error",
-                    WorkerCrashedError(
-                        f"{task.name}: its worker process died {task.attempts} times"
-                        f" (last: pid {pid}, {_describe_exit(exitcode)});"
-                        f" SPEEDUP_PROCESS_RETRY_TIMES is {self.config.process_retry_times}"
+                    TaskTimeoutError(
+                        f"{task.name} ran past SPEEDUP_PROCESS_TIMEOUT_SECONDS"
+                        f" ({self.config.process_timeout_seconds} s); its worker pid"
+                        f" {pid} was killed and replaced"
                     ),
                 )
-                return
-            self.stats.inc_value(_STAT + "retry_count")
-        if self._fatal is not None:
-            self._settle(task, "error", self._fatal)
+        elif tasks or exitcode != 0:
+            if running is not None:
+                tasks.remove(running)
+            self._on_crash(worker, pid, exitcode, running)
+        # What is left never started, or ran on a worker that was not at fault.
+        for task in tasks:
+            if self._fatal is not None:
+                self._settle(task, "error", self._fatal)
+        if self._fatal is None:
+            self._queue.extendleft(reversed(tasks))
+        if self._closed:
+            if self._exited is not None and not self._alive():
+                self.bridge.resolve(self._exited, None)
+        elif self._fatal is None:
+            self.stats.inc_value(_STAT + "worker_restart_count")
+            self._spawn(worker.index)
+        self._pump()
+        self._check_drained()
+
+    def _drain(self, worker: _Worker) -> None:
+        while True:
+            try:
+                chunk = os.read(worker.fd, _READ_SIZE)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            worker.rbuf += chunk
+        self._read_frames(worker)
+
+    def _on_crash(
+        self, worker: _Worker, pid: int | None, exitcode: int | None, running: _Task | None
+    ) -> None:
+        self.stats.inc_value(_STAT + "worker_crash_count")
+        doing = f"while running {running.name}" if running is not None else "between tasks"
+        if not worker.ready:
+            doing = "while starting"
+            self._start_crashes += 1
+        logger.error(
+            "Worker pid %s died with %s %s%s",
+            pid,
+            _describe_exit(exitcode),
+            doing,
+            f" (attempt {running.attempts + 1} of {self.config.process_retry_times + 1})"
+            if running is not None
+            else "",
+            extra={"crawler": self.crawler},
+        )
+        if self._start_crashes >= _MAX_START_CRASHES:
+            self._set_fatal(
+                WorkerCrashedError(
+                    f"worker processes died while starting {_MAX_START_CRASHES} times in"
+                    f" a row (last: pid {pid}, {_describe_exit(exitcode)})"
+                )
+            )
+        if running is None:
             return
-        # Innocent (its worker was alive, or it had not started) or retried:
-        # back to the front of the queue, in the new pool.
-        task.queued_at = time.monotonic()
-        self._queue.appendleft(task)
+        running.attempts += 1
+        if running.attempts > self.config.process_retry_times:
+            self._settle(
+                running,
+                "error",
+                WorkerCrashedError(
+                    f"{running.name}: its worker process died {running.attempts} times"
+                    f" (last: pid {pid}, {_describe_exit(exitcode)});"
+                    f" SPEEDUP_PROCESS_RETRY_TIMES is {self.config.process_retry_times}"
+                ),
+            )
+        elif self._fatal is None:
+            self.stats.inc_value(_STAT + "retry_count")
+            self._queue.appendleft(running)
+
+    def _set_fatal(self, error: BaseException) -> None:
+        """The pool cannot work: fail everything waiting, now and later."""
+        self._fatal = error
+        while self._queue:
+            self._settle(self._queue.popleft(), "error", error)
+        for waiter in self._ready_waiters:
+            self.bridge.fail(waiter, error)
+        self._ready_waiters.clear()
 
     def _settle(self, task: _Task, outcome: str, value: Any) -> None:
         """Count the task's end and hand the result or error to its caller."""
-        self._release(task)
         self.stats.inc_value(f"{_STAT}{outcome}_count")
         if outcome == "succeeded":
             self.bridge.resolve(task.waiter, value)
@@ -521,61 +649,47 @@ class ProcessPool:
         if self._drained is not None and not self._in_flight and not self._queue:
             self.bridge.resolve(self._drained, None)
 
-    def _check_timeout(self, task: _Task, generation: int) -> None:
+    def _schedule_timeout_check(self) -> None:
         timeout = self.config.process_timeout_seconds
-        if (
-            timeout is None
-            or generation != self._generation
-            or task.slot < 0
-            or self._in_flight.get(task.slot) is not task
-        ):
-            return
-        pid, started = int(self._slots[2 * task.slot]), self._slots[2 * task.slot + 1]
-        remaining = timeout if not pid else started + timeout - time.monotonic()
-        if remaining > 0:  # not started yet, or started later than submitted
-            task.timer = self.bridge.call_later(remaining, self._check_timeout, task, generation)
-            return
-        logger.error(
-            "%s ran past SPEEDUP_PROCESS_TIMEOUT_SECONDS (%s s); killing its worker pid %d",
-            task.name,
-            timeout,
-            pid,
-            extra={"crawler": self.crawler},
-        )
-        task.timed_out = True
-        self._killed_pids.add(pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        assert timeout is not None
+        # Often enough to stop a task within ~25% of its timeout, at most once
+        # a second: a look at a few shared doubles.
+        self.bridge.call_later(min(1.0, timeout / 4), self._check_timeouts)
 
-    # -- events from workers ----------------------------------------------------
+    def _check_timeouts(self) -> None:
+        if self._closed and not self._alive():
+            return
+        timeout = self.config.process_timeout_seconds
+        assert timeout is not None
+        now = time.monotonic()
+        for worker in self._alive():
+            if not worker.assigned or worker.killed_for is not None:
+                continue
+            seq, started = self._progress[2 * worker.index : 2 * worker.index + 2]
+            task = worker.assigned[0]
+            if int(seq) == task.seq and now - started > timeout:
+                logger.error(
+                    "%s ran past SPEEDUP_PROCESS_TIMEOUT_SECONDS (%s s); killing its"
+                    " worker pid %s",
+                    task.name,
+                    timeout,
+                    worker.process.pid,
+                    extra={"crawler": self.crawler},
+                )
+                task.timed_out = True
+                worker.killed_for = "timeout"
+                worker.process.kill()
+        self._schedule_timeout_check()
 
     def apply_stats(self, ops: list[_worker.StatsOp]) -> None:
         for method, key, value in ops:
             getattr(self.stats, method)(key, value)
 
-    def _read_events(self) -> None:
-        """Thread: log records and close-time stats sent by the workers."""
-        while True:
-            try:
-                event = self._events.get()
-            except (EOFError, OSError):
-                break
-            if event is None:
-                break
-            kind, payload = event
-            if kind == "log":
-                logging.getLogger(payload.name).handle(payload)
-            elif kind == "stats":
-                self.bridge.call_from_thread(self.apply_stats, payload)
-        self.bridge.call_from_thread(self.bridge.resolve, self._events_done, None)
-
     # -- forced stop ------------------------------------------------------------
 
     def kill_now(self) -> None:
         """Interpreter exit with the pool still open: a forced stop."""
-        abandoned = len(self._in_flight) + len(self._queue)
+        abandoned = self._in_flight + len(self._queue)
         if abandoned:
             # The loop is gone: count here, as nobody awaits these tasks now.
             self.stats.inc_value(_STAT + "abandoned_count", abandoned)
@@ -583,7 +697,8 @@ class ProcessPool:
                 f"scrapy-speedup: forced stop, {abandoned} offloaded tasks abandoned",
                 file=sys.stderr,
             )
-        self._kill_workers("forced stop")
+        for worker in self._alive():
+            worker.process.kill()
 
 
 def warm_up_fork_server(config: SpeedupConfig) -> None:
@@ -607,8 +722,8 @@ def _kill_live_pools() -> None:
         pool.kill_now()
 
 
-# ProcessPoolExecutor joins its threads (and so waits for every running task)
-# in a hook of threading's shutdown. After a forced stop (Ctrl-C twice) that
-# could take as long as the slowest task; this hook, registered later and so
-# called earlier, kills the workers of pools that were not closed first.
-threading._register_atexit(_kill_live_pools)  # type: ignore[attr-defined]
+# At exit, multiprocessing joins every worker it started, which after a forced
+# stop (Ctrl-C twice) waits for the slowest task. atexit runs handlers last in,
+# first out, and multiprocessing.util registered its own on import (above), so
+# this one runs first and kills the workers of pools that were not closed.
+atexit.register(_kill_live_pools)

@@ -1,25 +1,32 @@
 """What runs inside a worker process of the process pool.
 
-Each worker is set up once by :func:`initialize` (signals, log forwarding, the
-pipelines of ``SPEEDUP_PROCESS_PIPELINES``), then runs :func:`run_task` for each
-task. Tasks and results cross as pickled bytes so that a pickling error names
-the argument or field that failed (see ``_pickling``). Everything a task
-reports (result, stats calls, run time) comes back in its result; what happens
-outside a task (log records, ``close_spider`` at exit) goes through the
-``events`` queue, read by a thread of the parent.
+A worker talks to the crawl over one socket (a ``multiprocessing`` duplex
+``Connection``). Frames from the crawl are tasks, ``seq`` (8 bytes) followed
+by the pickled task, and an empty frame asks the worker to stop. Frames to
+the crawl start with one byte that says what follows:
+
+* ``I`` the worker started: pickled ``None``, or the traceback of the pipeline
+  that failed to start;
+* ``R`` a result: ``seq`` then the pickled outcome (see :func:`run_task`);
+* ``L`` a pickled log record, logged by the crawl as its own;
+* ``S`` pickled stats changes made outside any task (``close_spider``).
+
+Tasks and results cross as pickled bytes so that a pickling error names the
+argument or field that failed (see ``_pickling``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import logging.handlers
 import os
+import pickle
 import signal
+import struct
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from multiprocessing import util
 from typing import TYPE_CHECKING, Any
 
 from scrapy.statscollectors import MemoryStatsCollector
@@ -28,19 +35,27 @@ from scrapy_speedup import _pickling
 from scrapy_speedup.exceptions import UnpicklableError
 
 if TYPE_CHECKING:
-    from multiprocessing.queues import SimpleQueue
+    from multiprocessing.connection import Connection
 
     from scrapy import Spider
     from scrapy.crawler import Crawler
 
-__all__ = ["PipelineSpec", "WorkerSpec", "initialize", "run_task"]
+__all__ = ["SEQ", "PipelineSpec", "WorkerSpec", "main", "run_task"]
 
 logger = logging.getLogger(__name__)
+
+#: The task number that heads task and result frames.
+SEQ = struct.Struct("!Q")
 
 # Result statuses.
 OK = "ok"
 ERROR = "error"
-INIT_ERROR = "init_error"
+
+# Frame kinds, worker to crawl.
+STARTED = b"I"
+RESULT = b"R"
+LOG = b"L"
+STATS = b"S"
 
 # Stats operations recorded in the worker and replayed on the crawl's stats.
 StatsOp = tuple[str, str, Any]
@@ -58,13 +73,13 @@ class PipelineSpec:
 
 @dataclass
 class WorkerSpec:
-    """Sent to every worker when it starts (as the pool's initializer argument)."""
+    """Sent to every worker when it starts."""
 
-    # Two doubles per in-flight slot: the pid of the worker that runs the
-    # slot's task and the time.monotonic() it started. Shared memory, so the
-    # parent knows which task was on a worker that died or hangs.
-    slots: Any
-    events: SimpleQueue[Any]
+    # Two doubles per worker: the seq of the task it runs and the
+    # time.monotonic() it started it. Shared memory, so that the crawl knows
+    # which task was running when a worker dies or overruns its timeout, at no
+    # cost per task.
+    progress: Any
     log_level: int
     pipelines: PipelineSpec | None = None
 
@@ -100,54 +115,90 @@ class _RecordingStats(MemoryStatsCollector):
         super().min_value(key, value)
 
 
-class _EventHandler(logging.handlers.QueueHandler):
-    """Forwards log records to the parent, which logs them as its own."""
+class _Channel:
+    """The worker's end of the socket; sends are locked because user code may
+    log from threads of its own."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        with self._lock:
+            self.conn.send_bytes(kind + payload)
+
+
+class _LogHandler(logging.Handler):
+    """Forwards log records to the crawl, which logs them as its own."""
 
     # Only the standard attributes travel: extras such as ``spider`` hold
     # objects that are not worth (or not able to be) pickled.
-    _KEEP = frozenset(logging.makeLogRecord({}).__dict__) | {"message"}
+    _KEEP = frozenset(logging.makeLogRecord({}).__dict__)
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record = super().prepare(record)
-        record.__dict__ = {k: v for k, v in record.__dict__.items() if k in self._KEEP}
-        record.msg = f"[worker {os.getpid()}] {record.msg}"
-        return record
+    def __init__(self, channel: _Channel) -> None:
+        super().__init__()
+        self.channel = channel
 
-    def enqueue(self, record: logging.LogRecord) -> None:
-        self.queue.put(("log", record))
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            clean = logging.makeLogRecord(
+                {k: v for k, v in record.__dict__.items() if k in self._KEEP}
+            )
+            clean.msg, clean.args, clean.exc_info = f"[worker {os.getpid()}] {message}", None, None
+            self.channel.send(LOG, pickle.dumps(clean))
+        except Exception:  # noqa: BLE001 - logging must never break the task
+            self.handleError(record)
 
 
 @dataclass
 class _State:
     spec: WorkerSpec
+    channel: _Channel
     loop: asyncio.AbstractEventLoop | None = None
     crawler: Crawler | None = None
     pipelines: list[Any] = field(default_factory=list)
-    init_error: str | None = None
+    # Per pipeline: (spider,) when its process_item still takes the spider.
+    item_args: list[tuple[Any, ...]] = field(default_factory=list)
 
 
-_state: _State | None = None
-
-
-def initialize(spec: WorkerSpec) -> None:
-    """The pool's initializer. It never raises: an exception here would break
-    the pool with no message, so a failure is kept and reported by each task."""
-    global _state  # noqa: PLW0603 - one state per worker process
-    # Ctrl-C in a terminal signals the whole process group; the parent decides
-    # how the crawl stops, and the worker must finish the task it has.
+def main(conn: Connection, spec: WorkerSpec, index: int) -> None:
+    """The worker process: start, run tasks until asked to stop, close."""
+    # Ctrl-C in a terminal signals the whole process group; the crawl decides
+    # how it stops, and the worker must finish the task it has.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = _Channel(conn)
     root = logging.getLogger()
     for handler in root.handlers[:]:
         root.removeHandler(handler)
-    root.addHandler(_EventHandler(spec.events))
+    root.addHandler(_LogHandler(channel))
     root.setLevel(spec.log_level)
-    _state = _State(spec)
+    state = _State(spec, channel)
+    init_error = None
     if spec.pipelines is not None:
         try:
-            _open_pipelines(_state, spec.pipelines)
-        except Exception:  # noqa: BLE001 - reported to the parent by run_task
-            _state.init_error = traceback.format_exc()
-        util.Finalize(None, _close_pipelines, exitpriority=10)
+            _open_pipelines(state, spec.pipelines)
+        except Exception:  # noqa: BLE001 - reported to the crawl, which stops
+            init_error = traceback.format_exc()
+    channel.send(STARTED, pickle.dumps(init_error))
+    if init_error is not None:
+        return
+    progress = spec.progress
+    while True:
+        try:
+            frame = conn.recv_bytes()
+        except (EOFError, OSError):  # the crawl is gone
+            return
+        if not frame:
+            break
+        (seq,) = SEQ.unpack_from(frame)
+        progress[2 * index] = seq
+        progress[2 * index + 1] = time.monotonic()
+        outcome = run_task(state, memoryview(frame)[SEQ.size :])
+        channel.send(RESULT, SEQ.pack(seq) + outcome)
+    _close_pipelines(state)
 
 
 def _call(state: _State, method: Any, *args: Any) -> Any:
@@ -208,11 +259,13 @@ def _open_pipelines(state: _State, spec: PipelineSpec) -> None:
         if pipeline is not None and hasattr(pipeline, "open_spider"):
             _call(state, pipeline.open_spider, *_spider_args(pipeline.open_spider, spider))
         state.pipelines.append(pipeline)
+        state.item_args.append(
+            _spider_args(pipeline.process_item, spider) if pipeline is not None else ()
+        )
 
 
-def _close_pipelines() -> None:
-    state = _state
-    if state is None or state.crawler is None:
+def _close_pipelines(state: _State) -> None:
+    if state.crawler is None:
         return
     spider = state.crawler.spider
     for pipeline in reversed(state.pipelines):
@@ -226,7 +279,7 @@ def _close_pipelines() -> None:
     assert isinstance(stats, _RecordingStats)
     ops = stats.take_ops()
     if ops:
-        state.spec.events.put(("stats", ops))
+        state.channel.send(STATS, pickle.dumps(ops))
 
 
 def _error_payload(exc: BaseException) -> tuple[BaseException | None, str, str, str]:
@@ -234,24 +287,18 @@ def _error_payload(exc: BaseException) -> tuple[BaseException | None, str, str, 
     kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
         exc_copy = _pickling.loads(_pickling.dumps(exc, "the exception"))
-    except Exception:  # noqa: BLE001 - the parent rebuilds a generic error
+    except Exception:  # noqa: BLE001 - the crawl rebuilds a generic error
         exc_copy = None
     return exc_copy, kind, str(exc), tb
 
 
-def run_task(slot: int, payload: bytes) -> bytes:
-    """Run one task; always return pickled ``(status, value, stats_ops, seconds)``.
+def run_task(state: _State, payload: memoryview) -> bytes:
+    """Run one task; return pickled ``(status, value, stats_ops, seconds)``.
 
-    For ``OK`` the value is itself pickled bytes; for ``ERROR`` it is
-    ``(exception or None, type name, message, traceback text)``.
+    For ``OK`` the value is itself pickled bytes, so that an error's path
+    starts at the value; for ``ERROR`` it is ``(exception or None, type name,
+    message, traceback text)``.
     """
-    state = _state
-    assert state is not None, "the worker was not initialized"
-    slots = state.spec.slots
-    slots[2 * slot] = os.getpid()
-    slots[2 * slot + 1] = time.monotonic()
-    if state.init_error is not None:
-        return _pickling.dumps((INIT_ERROR, state.init_error, [], 0.0), "init error")
     op, *data = _pickling.loads(payload)
     started = time.perf_counter()
     what = "the result"
@@ -261,28 +308,21 @@ def run_task(slot: int, payload: bytes) -> bytes:
             func = getattr(func, "__speedup_wrapped__", func)
             what = f"the result of {getattr(func, '__qualname__', func)}()"
             value = func(*args, **kwargs)
-        elif op == "item":
+        else:  # "item"
             index, item = data
             pipeline = state.pipelines[index]
             if pipeline is None:  # disabled by NotConfigured in the worker
                 value = item
             else:
                 what = f"the item returned by {type(pipeline).__qualname__}.process_item()"
-                assert state.crawler is not None
-                method = pipeline.process_item
-                value = _call(
-                    state, method, item, *_spider_args(method, state.crawler.spider)
-                )
-        else:  # "ping": makes a worker start, and reports its init error
-            value = os.getpid()
+                value = _call(state, pipeline.process_item, item, *state.item_args[index])
         status: str = OK
-    except Exception as exc:  # noqa: BLE001 - every error goes to the parent
+    except Exception as exc:  # noqa: BLE001 - every error goes to the crawl
         status, value = ERROR, _error_payload(exc)
     elapsed = time.perf_counter() - started
     stats = state.crawler.stats if state.crawler is not None else None
     ops = stats.take_ops() if isinstance(stats, _RecordingStats) else []
     if status == OK:
-        # Pickled on its own so that an error's path starts at the value.
         try:
             value = _pickling.dumps(value, what)
         except UnpicklableError as exc:

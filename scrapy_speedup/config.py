@@ -114,9 +114,10 @@ class SpeedupConfig:
                 f"SPEEDUP_PROCESS_START_METHOD ({start_method!r}) is not available"
                 f" on this platform; available: {multiprocessing.get_all_start_methods()}"
             )
-        # Two tasks per worker: one running, one pickled and waiting, so that a
-        # worker never idles while the reactor thread prepares its next task.
-        max_in_flight = _get(settings, "SPEEDUP_PROCESS_MAX_IN_FLIGHT", int, 2 * workers)
+        # Four tasks per worker: one running, three waiting in its socket, so
+        # that it never idles while the reactor is busy with a stretch of
+        # callbacks; more only delays the queue (docs/benchmarks.rst).
+        max_in_flight = _get(settings, "SPEEDUP_PROCESS_MAX_IN_FLIGHT", int, 4 * workers)
         _positive("SPEEDUP_PROCESS_MAX_IN_FLIGHT", max_in_flight)
         retry_times = _get(settings, "SPEEDUP_PROCESS_RETRY_TIMES", int, 1)
         _positive("SPEEDUP_PROCESS_RETRY_TIMES", retry_times, allow_zero=True)

@@ -43,7 +43,7 @@ class ProcessPipeline:
     async def open_spider(self) -> None:
         # Fail the crawl now, with the worker's error, if the pipeline cannot
         # start there, rather than error on every item.
-        await self.speedup.pool.ping()
+        await self.speedup.pool.wait_ready()
 
     async def process_item(self, item: Any) -> Any:
         return await self.speedup.pool.process_item(self.index, item, self._name)

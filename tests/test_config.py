@@ -14,7 +14,7 @@ def test_defaults() -> None:
     c = config()
     assert c.enabled and c.process_enabled
     assert c.process_workers >= 1
-    assert c.process_max_in_flight == 2 * c.process_workers
+    assert c.process_max_in_flight == 4 * c.process_workers
     assert c.process_start_method == "forkserver"
     assert c.process_retry_times == 1
     assert c.process_timeout_seconds is None
@@ -29,7 +29,7 @@ def test_values_from_command_line_strings() -> None:
         SPEEDUP_PROCESS_PIPELINES="a.B,c.D",
         SPEEDUP_PROCESS_ENABLED="False",
     )
-    assert c.process_workers == 3 and c.process_max_in_flight == 6
+    assert c.process_workers == 3 and c.process_max_in_flight == 12
     assert c.process_timeout_seconds == 2.5
     assert c.process_pipelines == ("a.B", "c.D")
     assert not c.process_enabled

@@ -49,7 +49,7 @@ def test_worker_killed_mid_item_is_retried(demo_site: DemoSite, runtime: str,
     assert scraped_ids(result) == list(range(COUNT))
     assert result.stat("speedup/process/worker_crash_count") == 1
     assert result.stat("speedup/process/retry_count") == 1
-    assert result.stat("speedup/process/pool_rebuild_count") == 1
+    assert result.stat("speedup/process/worker_restart_count") == 1
     assert result.stat("speedup/process/error_count") == 0
     assert "died with signal SIGKILL (exit code -9) while running FaultPipeline" in result.log
 
@@ -132,7 +132,7 @@ def test_pipeline_that_cannot_start_fails_the_crawl(demo_site: DemoSite, setting
     assert result.items == []
     assert "failed to start in a worker" in result.log
     assert "failed on purpose" in result.log
-    assert result.stat("speedup/process/pool_rebuild_count") == 0
+    assert result.stat("speedup/process/worker_restart_count") == 0
 
 
 def test_task_past_its_timeout_errors(demo_site: DemoSite, tmp_path: Path) -> None:
@@ -144,6 +144,7 @@ def test_task_past_its_timeout_errors(demo_site: DemoSite, tmp_path: Path) -> No
     assert result.stat("speedup/process/timeout_count") == 1
     assert result.stat("test/item_error/TaskTimeoutError") == 1
     assert result.stat("speedup/process/worker_crash_count") == 0
+    assert result.stat("speedup/process/worker_restart_count") == 1
     assert "ran past SPEEDUP_PROCESS_TIMEOUT_SECONDS (1.0 s); killing its worker" in result.log
 
 
@@ -158,3 +159,4 @@ def test_max_tasks_per_child_recycles_workers(demo_site: DemoSite, tmp_path: Pat
     closed = {p.name.replace("closed", "opened") for p in tmp_path.glob("closed-*")}
     assert opened == closed
     assert result.stat("speedup/process/worker_crash_count") == 0
+    assert result.stat("speedup/process/worker_restart_count") == len(opened) - 2
