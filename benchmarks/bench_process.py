@@ -10,8 +10,10 @@ One run, side by side, on the local demo site (20 ms per response):
    every call into the pool (SPEEDUP_PROCESS_INLINE_BELOW_MS=0), to show what
    the inline rule saves.
 
-Runs alternate and each configuration's median run is reported (the machine
-is shared and noisy). Results go to benchmarks/results/process.json.
+Configurations run back to back in rounds; each ratio is the median of the
+per-round ratios (the machine is shared and noisy), given end to end (whole
+process) and for the crawl (crawler built to spider closed). Results go to
+benchmarks/results/process.json.
 """
 
 from __future__ import annotations
@@ -21,57 +23,64 @@ import json
 import os
 from pathlib import Path
 
-from sidebyside import DemoSite, compare_items, median_run, print_table, run_crawl
+from sidebyside import DemoSite, compare_items, median_run, print_table, round_ratios, run_crawl
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def heavy(site: str, repeat: int) -> dict:
-    runs: dict[str, list] = {"vanilla": [], "speedup": []}
+def run_rounds(site: str, configs: dict[str, tuple[dict, dict]], repeat: int,
+               title: str) -> dict[str, list]:
+    runs: dict[str, list] = {label: [] for label in configs}
     for i in range(repeat):
-        print(f"  heavy pipeline, round {i + 1}/{repeat}", flush=True)
-        runs["vanilla"].append(run_crawl("vanilla Scrapy", site, {"ADDONS": {}}))
-        runs["speedup"].append(run_crawl("scrapy-speedup", site))
-    vanilla, speedup = median_run(runs["vanilla"]), median_run(runs["speedup"])
+        print(f"  {title}, round {i + 1}/{repeat}", flush=True)
+        for label, (settings, args) in configs.items():
+            runs[label].append(run_crawl(label, site, settings, args))
+    return runs
+
+
+def heavy(site: str, repeat: int) -> dict:
+    runs = run_rounds(site, {"vanilla Scrapy": ({"ADDONS": {}}, {}),
+                             "scrapy-speedup": ({}, {})}, repeat, "heavy pipeline")
+    vanilla_runs, speedup_runs = runs["vanilla Scrapy"], runs["scrapy-speedup"]
+    vanilla, speedup = median_run(vanilla_runs), median_run(speedup_runs)
     cores = os.cpu_count() or 1
     cpu_per_page = vanilla.cpu_s / vanilla.pages
     limit = cores / cpu_per_page
     print("\nHeavy pipeline (MinHash, ~10 ms per item)")
-    print_table([vanilla, speedup], vanilla)
-    same = compare_items(vanilla, speedup, ignore=("near_duplicate_of",))
-    ratio = speedup.pages_per_s / vanilla.pages_per_s
+    print_table([vanilla_runs, speedup_runs], list(runs))
+    same = all(compare_items(v, s, ignore=("near_duplicate_of",))
+               for v, s in zip(vanilla_runs, speedup_runs, strict=True))
+    ratios = round_ratios(speedup_runs, vanilla_runs)
     print(f"theoretical limit: {cores} cores / {cpu_per_page * 1000:.1f} ms CPU per page ="
-          f" {limit:.0f} pages/s ({limit / vanilla.pages_per_s:.2f}x vanilla);"
+          f" {limit:.0f} pages/s ({limit / vanilla.pages_per_s:.2f}x vanilla end to end);"
           f" items identical: {same}")
-    return {"vanilla": vanilla.summary(), "speedup": speedup.summary(), "ratio": round(ratio, 3),
+    print(f"ratios per round: end to end {ratios['end_to_end_rounds']},"
+          f" crawl {ratios['crawl_rounds']}")
+    return {"vanilla": vanilla.summary(), "speedup": speedup.summary(), "ratios": ratios,
+            "cpu_ms_per_page": round(cpu_per_page * 1000, 2),
             "limit_pages_per_s": round(limit, 1),
-            "limit_ratio": round(limit / vanilla.pages_per_s, 3),
-            "items_identical": same, "all_ratios": [
-                round(s.pages_per_s / v.pages_per_s, 3)
-                for v, s in zip(runs["vanilla"], runs["speedup"], strict=True)]}
+            "limit_ratio": round(limit / vanilla.pages_per_s, 3), "items_identical": same}
 
 
 def small(site: str, repeat: int) -> dict:
     light = {"ITEM_PIPELINES": {}, "SPEEDUP_PROCESS_PIPELINES": []}
+    args = {"top_words": 1}
     configs = {
-        "inline (no add-on)": {**light, "ADDONS": {}},
-        "run_in_process (default)": light,
-        "run_in_process, always offload": {**light, "SPEEDUP_PROCESS_INLINE_BELOW_MS": 0},
+        "inline (no add-on)": ({**light, "ADDONS": {}}, args),
+        "run_in_process (default)": (light, args),
+        "run_in_process, always offload": ({**light, "SPEEDUP_PROCESS_INLINE_BELOW_MS": 0}, args),
     }
-    runs: dict[str, list] = {label: [] for label in configs}
-    for i in range(repeat):
-        print(f"  small work, round {i + 1}/{repeat}", flush=True)
-        for label, settings in configs.items():
-            runs[label].append(run_crawl(label, site, settings, {"top_words": 1}))
-    medians = [median_run(r) for r in runs.values()]
-    inline, default, forced = medians
+    runs = run_rounds(site, configs, repeat, "small work")
+    inline, default, forced = runs.values()
     print("\nSmall work (~0.1 ms per item through run_in_process)")
-    print_table(medians, inline)
-    cost = 1 - default.pages_per_s / inline.pages_per_s
-    print(f"cost of offloading against inline: {cost:+.1%} (target: at most 5%);"
-          f" items identical: {compare_items(inline, default)}")
-    return {"runs": [m.summary() for m in medians], "cost_vs_inline": round(cost, 4),
-            "items_identical": compare_items(inline, default)}
+    print_table(list(runs.values()), list(runs))
+    ratios = round_ratios(default, inline)
+    forced_ratios = round_ratios(forced, inline)
+    same = all(compare_items(a, b) for a, b in zip(inline, default, strict=True))
+    print(f"cost against inline: end to end {1 - ratios['end_to_end']:+.1%},"
+          f" crawl {1 - ratios['crawl']:+.1%} (target: at most 5%); items identical: {same}")
+    return {"runs": [median_run(r).summary() for r in runs.values()],
+            "ratios": ratios, "always_offload_ratios": forced_ratios, "items_identical": same}
 
 
 def main() -> None:
@@ -87,7 +96,7 @@ def main() -> None:
         results["heavy"] = heavy(site.url, args.repeat)
         results["small"] = small(site.url, args.repeat)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "process.json"
+    out = RESULTS / f"process-{args.products}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
 

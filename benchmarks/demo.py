@@ -27,7 +27,7 @@ def main() -> None:
         print("Crawling with scrapy-speedup ...", flush=True)
         speedup = run_crawl("scrapy-speedup", site.url)
     print()
-    print_table([vanilla, speedup], vanilla)
+    print_table([[vanilla], [speedup]], [vanilla.label, speedup.label])
     cpu_per_page = vanilla.cpu_s / vanilla.pages
     limit = cores / cpu_per_page
     print(f"\nCPU per page (vanilla): {cpu_per_page * 1000:.1f} ms; with {cores} cores the"

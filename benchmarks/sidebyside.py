@@ -67,7 +67,17 @@ class CrawlRun:
 
     @property
     def pages_per_s(self) -> float:
+        """End to end: pages over the whole process's wall time."""
         return self.pages / self.wall_s
+
+    @property
+    def crawl_s(self) -> float:
+        return float(self.stats["bench/crawl_seconds"])
+
+    @property
+    def crawl_pages_per_s(self) -> float:
+        """Pages over the crawl's time (crawler built to spider closed)."""
+        return self.pages / self.crawl_s
 
     @property
     def cores_busy(self) -> float:
@@ -77,6 +87,8 @@ class CrawlRun:
         return {
             "label": self.label, "pages": self.pages, "items": self.items,
             "wall_s": round(self.wall_s, 3), "pages_per_s": round(self.pages_per_s, 1),
+            "crawl_s": round(self.crawl_s, 3),
+            "crawl_pages_per_s": round(self.crawl_pages_per_s, 1),
             "cpu_s": round(self.cpu_s, 2), "cores_busy": round(self.cores_busy, 2),
             "speedup_stats": {k: v for k, v in self.stats.items() if k.startswith("speedup/")},
         }
@@ -143,13 +155,31 @@ def compare_items(a: CrawlRun, b: CrawlRun, ignore: tuple[str, ...] = ()) -> boo
 
 
 def median_run(runs: list[CrawlRun]) -> CrawlRun:
-    """The run with the median throughput (of an odd number of runs)."""
+    """The run with the median end-to-end throughput (of an odd number of runs)."""
     middle = statistics.median_low([r.pages_per_s for r in runs])
     return next(r for r in runs if r.pages_per_s == middle)
 
 
-def print_table(runs: list[CrawlRun], baseline: CrawlRun) -> None:
-    print(f"{'':28} {'pages':>6} {'seconds':>8} {'pages/s':>8} {'ratio':>6} {'CPU cores busy':>15}")
-    for run in runs:
-        print(f"{run.label:28} {run.pages:6d} {run.wall_s:8.2f} {run.pages_per_s:8.1f}"
-              f" {run.pages_per_s / baseline.pages_per_s:5.2f}x {run.cores_busy:15.2f}")
+def round_ratios(runs: list[CrawlRun], baselines: list[CrawlRun]) -> dict[str, Any]:
+    """Ratios of runs made back to back, round by round, and their medians:
+    each round's pair saw the same machine load."""
+    pairs = list(zip(runs, baselines, strict=True))
+    end_to_end = [r.pages_per_s / b.pages_per_s for r, b in pairs]
+    crawl = [r.crawl_pages_per_s / b.crawl_pages_per_s for r, b in pairs]
+    return {
+        "end_to_end": round(statistics.median(end_to_end), 3),
+        "crawl": round(statistics.median(crawl), 3),
+        "end_to_end_rounds": [round(x, 3) for x in end_to_end],
+        "crawl_rounds": [round(x, 3) for x in crawl],
+    }
+
+
+def print_table(runs: list[list[CrawlRun]], labels: list[str]) -> None:
+    """One line per configuration: its median run, and ratios to the first."""
+    print(f"{'':31} {'pages':>5} {'end-to-end':>17} {'crawl only':>17} {'CPU cores':>9}")
+    print(f"{'':31} {'':>5} {'pages/s':>9} {'ratio':>7} {'pages/s':>9} {'ratio':>7} {'busy':>9}")
+    for label, config_runs in zip(labels, runs, strict=True):
+        run = median_run(config_runs)
+        ratios = round_ratios(config_runs, runs[0])
+        print(f"{label:31} {run.pages:5d} {run.pages_per_s:9.1f} {ratios['end_to_end']:6.2f}x"
+              f" {run.crawl_pages_per_s:9.1f} {ratios['crawl']:6.2f}x {run.cores_busy:9.2f}")

@@ -127,26 +127,23 @@ class Bridge:
         """Call *on_read* / *on_write* on the reactor thread whenever *fd* is
         readable / writable; ``None`` stops watching for that event."""
         if self._loop is not None:
-            for callback, add, remove in (
-                (on_read, self._loop.add_reader, self._loop.remove_reader),
-                (on_write, self._loop.add_writer, self._loop.remove_writer),
-            ):
-                if callback is None:
-                    remove(fd)
-                else:
-                    add(fd, callback)
+            if on_read is None:
+                self._loop.remove_reader(fd)
+            else:
+                self._loop.add_reader(fd, on_read)
+            if on_write is None:
+                self._loop.remove_writer(fd)
+            else:
+                self._loop.add_writer(fd, on_write)
             return
-        from twisted.internet import reactor
+        from twisted.internet import reactor as _reactor
 
+        reactor: Any = _reactor  # the installed reactor; the stubs cannot know it
         descriptor = self._descriptors.setdefault(fd, _FileDescriptor(fd))
-        for old, new, add, remove in (
-            (descriptor.on_read, on_read, reactor.addReader, reactor.removeReader),
-            (descriptor.on_write, on_write, reactor.addWriter, reactor.removeWriter),
-        ):
-            if new is None and old is not None:
-                remove(descriptor)
-            elif new is not None and old is None:
-                add(descriptor)
+        if (on_read is None) != (descriptor.on_read is None):
+            (reactor.removeReader if on_read is None else reactor.addReader)(descriptor)
+        if (on_write is None) != (descriptor.on_write is None):
+            (reactor.removeWriter if on_write is None else reactor.addWriter)(descriptor)
         descriptor.on_read, descriptor.on_write = on_read, on_write
         if on_read is None and on_write is None:
             del self._descriptors[fd]

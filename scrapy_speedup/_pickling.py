@@ -73,7 +73,7 @@ def dumps(obj: Any, what: str) -> bytes:
     *what* (e.g. "the item returned by MyPipeline.process_item()") that fails."""
     try:
         return pickle.dumps(obj, protocol=_PROTOCOL)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise UnpicklableError(f"{what}: {_locate(obj, exc)}") from exc
 
 
@@ -85,7 +85,7 @@ def dumps_message(op: str, parts: list[tuple[str, Any]]) -> bytes:
     """
     try:
         return pickle.dumps((op, *(value for _, value in parts)), protocol=_PROTOCOL)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         for what, value in parts:
             part_error = _fails(value)
             if part_error is not None:

@@ -161,7 +161,8 @@ class ProcessPool:
         self.config = config
         self.bridge = bridge
         self.stats = crawler.stats
-        self._ctx = multiprocessing.get_context(config.process_start_method)
+        # Any: the stubs' BaseContext lacks Process, which both contexts have.
+        self._ctx: Any = multiprocessing.get_context(config.process_start_method)
         n = config.process_workers
         self._progress: Any = self._ctx.RawArray("d", 2 * n)
         self._per_worker = max(1, math.ceil(config.process_max_in_flight / n))

@@ -268,6 +268,7 @@ def _close_pipelines(state: _State) -> None:
     if state.crawler is None:
         return
     spider = state.crawler.spider
+    assert spider is not None
     for pipeline in reversed(state.pipelines):
         if pipeline is None or not hasattr(pipeline, "close_spider"):
             continue

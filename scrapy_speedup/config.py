@@ -9,17 +9,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from scrapy.settings import BaseSettings
-
     # typing.Self requires Python 3.11
-    from typing_extensions import Self
+    from typing import Self
+
+    from scrapy.settings import BaseSettings
 
 __all__ = ["SpeedupConfig", "SpeedupSettingsError", "default_start_method"]
 
-#: Offloading a function costs the reactor thread roughly 0.1-0.3 ms (pickling,
-#: the executor's queues, waking the loop). A function that runs for less than
-#: this is cheaper to run inline; see docs/usage/process.rst.
-DEFAULT_INLINE_BELOW_MS = 1.0
+#: Offloading a call costs the crawl's process ~55 us alone and ~0.2-0.4 ms in a
+#: busy crawl (pickling, the socket, an extra turn of the loop): always
+#: offloading a 0.1 ms function cost the demo crawl 5-10%. Below this run time
+#: a function is cheaper inline; above, the pool wins (docs/benchmarks.rst).
+DEFAULT_INLINE_BELOW_MS = 0.5
 
 
 class SpeedupSettingsError(ValueError):

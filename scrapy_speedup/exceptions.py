@@ -40,7 +40,7 @@ class PoolClosedError(OffloadError):
     """Work was offloaded after the crawl's process pool was shut down."""
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(Exception):  # noqa: N818 - a traceback, not an error
     """Carries the worker-side traceback as the ``__cause__`` of a re-raised error,
     so that Scrapy's log of the error shows where in the worker it happened."""
 

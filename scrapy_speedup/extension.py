@@ -19,11 +19,11 @@ from scrapy_speedup.config import SpeedupConfig
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    # typing.Self requires Python 3.11
+    from typing import Self
+
     from scrapy import Spider
     from scrapy.crawler import Crawler
-
-    # typing.Self requires Python 3.11
-    from typing_extensions import Self
 
 __all__ = ["SpeedupExtension"]
 
@@ -93,8 +93,9 @@ class SpeedupExtension:
         from scrapy_speedup import __version__
 
         config = self.config
-        if config.process_enabled:
-            self.pool.start()  # warm: workers start while the first pages download
+        # Workers start on the first offload (or now, for the pipelines that
+        # run in them, whose open_spider waits for them): a crawl that never
+        # offloads, or whose calls all turn out cheap, pays almost nothing.
         logger.info(
             "scrapy-speedup %s (Scrapy %s, Twisted %s, Python %s) on the %s: %s",
             __version__,

@@ -89,10 +89,10 @@ class CpuBoundFunction(Generic[_P, _T]):
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled by name, like a plain function: the module attribute is this
         # wrapper, not the function, so the default by-reference pickle fails.
-        return (_load_cpu_bound, (self.__module__, self.__qualname__))
+        return (_load_cpu_bound, (self.func.__module__, self.func.__qualname__))
 
     def __repr__(self) -> str:
-        return f"<cpu_bound {self.__module__}.{self.__qualname__}>"
+        return f"<cpu_bound {self.func.__module__}.{self.func.__qualname__}>"
 
 
 def cpu_bound(func: Callable[_P, _T]) -> CpuBoundFunction[_P, _T]:

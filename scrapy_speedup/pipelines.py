@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from scrapy_speedup.extension import SpeedupExtension
 
 if TYPE_CHECKING:
-    from scrapy.crawler import Crawler
-
     # typing.Self requires Python 3.11
-    from typing_extensions import Self
+    from typing import Self
+
+    from scrapy.crawler import Crawler
 
 __all__ = ["ProcessPipeline", "process_pipeline_class"]
 

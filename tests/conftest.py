@@ -113,7 +113,7 @@ class Crawl:
         for key, value in (args or {}).items():
             cmd += ["-a", f"{key}={value}"]
         env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{REPO}"}
-        self._log = open(self.log_file, "w")  # noqa: SIM115 - closed in result()
+        self._log = open(self.log_file, "w")
         self.process = subprocess.Popen(
             cmd, cwd=PROJECT, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )

@@ -36,9 +36,10 @@ def test_names_a_dataclass_item_field() -> None:
 
 
 def test_names_the_argument_of_a_call() -> None:
-    parts = _pickling.call_parts(len, ("ok", open(__file__)), {}, "len")  # noqa: SIM115
+    parts = _pickling.call_parts(len, ("ok", open(__file__)), {}, "len")
     try:
-        with pytest.raises(UnpicklableError, match=r"arguments of len\(\): \[1\] holds a _io.TextIOWrapper"):
+        expected = r"arguments of len\(\): \[1\] holds a _io.TextIOWrapper"
+        with pytest.raises(UnpicklableError, match=expected):
             _pickling.dumps_message("call", parts)
     finally:
         parts[1][1][1].close()

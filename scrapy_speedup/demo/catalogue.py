@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import random
-from functools import lru_cache
+from functools import cache
 
 __all__ = ["PRODUCTS_PER_PAGE", "index_page", "product_page"]
 
@@ -34,7 +34,7 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(words).capitalize() + "."
 
 
-@lru_cache(maxsize=None)
+@cache
 def _description(product: int) -> tuple[str, ...]:
     rng = random.Random(product)
     if product % _NEAR_DUPLICATE_EVERY == 0 and product >= _NEAR_DUPLICATE_EVERY:

@@ -1,0 +1,36 @@
+# Everything a fresh machine needs, from Python 3.11 and make alone: each
+# target creates .venv and installs the package with its extras on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint docs bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs]"
+	touch $(STAMP)
+
+## make demo: the example crawl on the bundled local site, without and with scrapy-speedup
+demo: $(STAMP)
+	$(BIN)/python benchmarks/demo.py
+
+## make test: lint, type check, docs build, then the whole test suite
+test: lint docs
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check scrapy_speedup tests benchmarks example_project
+	$(BIN)/mypy
+
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+## make bench: the benchmarks of docs/benchmarks.rst (several minutes)
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_process.py
+
+clean:
+	rm -rf $(VENV) docs/_build benchmarks/results *.egg-info
