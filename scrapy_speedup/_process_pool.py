@@ -224,24 +224,16 @@ class ProcessPool:
             return None
         spider = self.crawler.spider
         assert spider is not None, "pipelines start in workers once the spider is open"
-        settings = {}
-        for key, value in self.crawler.settings.copy_to_dict().items():
-            try:
-                _pickling.dumps(value, key)
-            except UnpicklableError as exc:
-                logger.debug("Setting %s is not sent to the workers: %s", key, exc)
-            else:
-                settings[key] = value
-        attrs = {}
-        for key, value in vars(spider).items():
-            if key in ("crawler", "settings"):
-                continue
-            try:
-                _pickling.dumps(value, key)
-            except UnpicklableError as exc:
-                logger.debug("Spider attribute %s is not sent to the workers: %s", key, exc)
-            else:
-                attrs[key] = value
+        settings, left_settings = _picklable(self.crawler.settings.copy_to_dict())
+        attrs, left_attrs = _picklable(
+            {k: v for k, v in vars(spider).items() if k not in ("crawler", "settings")}
+        )
+        if left_settings or left_attrs:
+            logger.info(
+                "Not sent to the worker processes, as they cannot be pickled:"
+                " settings %s; spider attributes %s",
+                left_settings, left_attrs, extra={"crawler": self.crawler},
+            )
         return _worker.PipelineSpec(
             paths=self.config.process_pipelines,
             settings=settings,
@@ -700,6 +692,19 @@ class ProcessPool:
             )
         for worker in self._alive():
             worker.process.kill()
+
+
+def _picklable(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The entries of *values* that pickle, and the names of those that do not."""
+    kept, left = {}, []
+    for key, value in values.items():
+        try:
+            pickle.dumps(value)
+        except Exception:  # noqa: BLE001 - any pickling error means "leave it"
+            left.append(key)
+        else:
+            kept[key] = value
+    return kept, left
 
 
 def warm_up_fork_server(config: SpeedupConfig) -> None:
