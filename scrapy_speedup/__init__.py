@@ -16,7 +16,13 @@ from scrapy_speedup.exceptions import (
     WorkerInitError,
 )
 from scrapy_speedup.extension import SpeedupExtension
-from scrapy_speedup.offload import CpuBoundFunction, cpu_bound, run_in_process
+from scrapy_speedup.offload import (
+    CpuBoundFunction,
+    blocking,
+    cpu_bound,
+    run_in_process,
+    run_in_thread,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +39,8 @@ __all__ = [
     "WorkerCrashedError",
     "WorkerInitError",
     "__version__",
+    "blocking",
     "cpu_bound",
     "run_in_process",
+    "run_in_thread",
 ]

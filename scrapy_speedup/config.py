@@ -95,6 +95,9 @@ class SpeedupConfig:
     process_max_tasks_per_child: int | None
     process_inline_below_ms: float
     process_pipelines: tuple[str, ...]
+    thread_enabled: bool
+    thread_workers: int
+    thread_timeout_seconds: float | None
     shutdown_timeout_seconds: float
 
     @classmethod
@@ -130,6 +133,10 @@ class SpeedupConfig:
             settings, "SPEEDUP_PROCESS_INLINE_BELOW_MS", float, DEFAULT_INLINE_BELOW_MS
         )
         _positive("SPEEDUP_PROCESS_INLINE_BELOW_MS", inline_below, allow_zero=True)
+        thread_workers = _get(settings, "SPEEDUP_THREAD_WORKERS", int, 32)
+        _positive("SPEEDUP_THREAD_WORKERS", thread_workers)
+        thread_timeout = _get(settings, "SPEEDUP_THREAD_TIMEOUT_SECONDS", float, None)
+        _positive("SPEEDUP_THREAD_TIMEOUT_SECONDS", thread_timeout)
         shutdown_timeout = _get(settings, "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0)
         _positive("SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", shutdown_timeout)
 
@@ -151,5 +158,8 @@ class SpeedupConfig:
             process_max_tasks_per_child=max_tasks,
             process_inline_below_ms=inline_below,
             process_pipelines=tuple(pipelines),
+            thread_enabled=_get(settings, "SPEEDUP_THREAD_ENABLED", bool, True),
+            thread_workers=thread_workers,
+            thread_timeout_seconds=thread_timeout,
             shutdown_timeout_seconds=shutdown_timeout,
         )

@@ -14,6 +14,7 @@ from scrapy.exceptions import NotConfigured
 
 from scrapy_speedup._bridge import Bridge
 from scrapy_speedup._process_pool import ProcessPool, warm_up_fork_server
+from scrapy_speedup._thread_pool import ThreadPool
 from scrapy_speedup.config import SpeedupConfig
 
 if TYPE_CHECKING:
@@ -40,8 +41,9 @@ def running_extensions() -> list[SpeedupExtension]:
 
 
 class SpeedupExtension:
-    """Owns the process pool of one crawler: starts it once the reactor runs,
-    drains and shuts it down when the spider closes, logs and counts.
+    """Owns the process and thread pools of one crawler: starts them once the
+    reactor runs, drains and shuts them down when the spider closes, logs and
+    counts.
 
     Reach it from a component with ``SpeedupExtension.of(crawler)``.
     """
@@ -50,6 +52,7 @@ class SpeedupExtension:
         self.crawler = crawler
         self.config = config
         self._pool: ProcessPool | None = None
+        self._threads: ThreadPool | None = None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -83,6 +86,33 @@ class SpeedupExtension:
             self._pool = ProcessPool(self.crawler, self.config, Bridge())
         return self._pool
 
+    @property
+    def thread_pool(self) -> ThreadPool:
+        """The crawl's thread pool for blocking calls, created on first use."""
+        if self._threads is None:
+            self._threads = ThreadPool(self.crawler, self.config, Bridge())
+        return self._threads
+
+    async def run_in_thread(
+        self,
+        func: Callable[..., Any],
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the blocking ``func(*args, **kwargs)`` in this crawl's thread pool.
+
+        *timeout* (seconds) defaults to ``SPEEDUP_THREAD_TIMEOUT_SECONDS``.
+        """
+        if not self.config.thread_enabled:
+            from scrapy.utils.asyncio import run_in_thread
+
+            return await run_in_thread(func, *args, **kwargs)
+        if timeout is None:
+            timeout = self.config.thread_timeout_seconds
+        return await self.thread_pool.run(func, args, kwargs, timeout)
+
     async def run_in_process(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``func(*args, **kwargs)`` in this crawl's process pool."""
         if not self.config.process_enabled:
@@ -93,24 +123,32 @@ class SpeedupExtension:
         from scrapy_speedup import __version__
 
         config = self.config
-        # Workers start on the first offload (or now, for the pipelines that
-        # run in them, whose open_spider waits for them): a crawl that never
-        # offloads, or whose calls all turn out cheap, pays almost nothing.
+        # Workers and threads start on first use (process workers now, for
+        # the pipelines that run in them, whose open_spider waits for them): a
+        # crawl that never offloads, or whose calls are all cheap, pays nothing.
+        if config.process_enabled:
+            pools = (
+                f"process pool of {config.process_workers} workers"
+                f" ({config.process_start_method}), {config.process_max_in_flight}"
+                f" tasks in flight at most, pipelines in workers:"
+                f" {list(config.process_pipelines) or 'none'}"
+            )
+        else:
+            pools = "process pool off (SPEEDUP_PROCESS_ENABLED=False)"
+        if config.thread_enabled:
+            timeout = config.thread_timeout_seconds
+            pools += (
+                f"; thread pool of {config.thread_workers} threads"
+                f" (timeout: {f'{timeout} s' if timeout else 'none'})"
+            )
         logger.info(
             "scrapy-speedup %s (Scrapy %s, Twisted %s, Python %s) on the %s: %s",
             __version__,
             scrapy.__version__,
             twisted.__version__,
             platform.python_version(),
-            self.pool.bridge.runtime if config.process_enabled else Bridge().runtime,
-            (
-                f"process pool of {config.process_workers} workers"
-                f" ({config.process_start_method}), {config.process_max_in_flight}"
-                f" tasks in flight at most, pipelines in workers:"
-                f" {list(config.process_pipelines) or 'none'}"
-            )
-            if config.process_enabled
-            else "process pool off (SPEEDUP_PROCESS_ENABLED=False)",
+            Bridge().runtime,
+            pools,
             extra={"crawler": self.crawler},
         )
 
@@ -118,12 +156,30 @@ class SpeedupExtension:
         _running.discard(self)
         if self._pool is not None:
             await self._pool.close()
+        if self._threads is not None:
+            await self._threads.close()
         self._log_summary()
 
     def _log_summary(self) -> None:
+        stats = self.crawler.stats
+        if self._threads is not None:
+
+            def thread_count(name: str) -> int:
+                return int(stats.get_value(f"speedup/thread/{name}", 0))
+
+            logger.info(
+                "scrapy-speedup thread pool: %d calls: %d succeeded, %d errored"
+                " (%d timed out, %d left threads stuck); %d threads busy at most",
+                thread_count("task_count"),
+                thread_count("succeeded_count"),
+                thread_count("error_count"),
+                thread_count("timeout_count"),
+                thread_count("stuck_count"),
+                thread_count("busy_max"),
+                extra={"crawler": self.crawler},
+            )
         if self._pool is None:
             return
-        stats = self.crawler.stats
 
         def count(name: str) -> int:
             return int(stats.get_value(f"speedup/process/{name}", 0))

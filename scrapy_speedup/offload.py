@@ -1,4 +1,5 @@
-"""``run_in_process`` and ``@cpu_bound``: offload CPU-heavy calls from a callback."""
+"""Offloading from a callback: ``run_in_process`` and ``@cpu_bound`` for
+CPU-heavy calls, ``run_in_thread`` and ``@blocking`` for calls that block."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from scrapy_speedup.extension import running_extensions
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-__all__ = ["CpuBoundFunction", "cpu_bound", "run_in_process"]
+__all__ = ["CpuBoundFunction", "blocking", "cpu_bound", "run_in_process", "run_in_thread"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,3 +108,76 @@ def cpu_bound(func: Callable[_P, _T]) -> CpuBoundFunction[_P, _T]:
             yield await text_stats(response.text)
     """
     return CpuBoundFunction(func)
+
+
+_warned_thread: set[str] = set()
+
+
+async def run_in_thread(
+    func: Callable[..., _T], /, *args: Any, timeout: float | None = None, **kwargs: Any
+) -> _T:
+    """Run the blocking ``func(*args, **kwargs)`` in the crawl's thread pool.
+
+    Use it for calls that wait (a blocking database driver, an SDK, a file
+    write) from ``async def`` callbacks, pipelines and middlewares::
+
+        await run_in_thread(cursor.execute, sql, params, timeout=10)
+
+    At *timeout* seconds (default ``SPEEDUP_THREAD_TIMEOUT_SECONDS``, none if
+    unset) the call raises :exc:`TimeoutError`; the thread it blocks is counted
+    as stuck and replaced. Pass ``timeout`` by keyword: it is not given to
+    *func*. Without scrapy-speedup enabled, Scrapy's own
+    ``scrapy.utils.asyncio.run_in_thread`` runs it (with a warning, and no
+    timeout).
+    """
+    extensions = running_extensions()
+    if len(extensions) > 1:
+        raise RuntimeError(
+            f"run_in_thread() cannot tell which of the {len(extensions)} crawls"
+            " with scrapy-speedup in this process to use; call"
+            " SpeedupExtension.of(self.crawler).run_in_thread(...) instead"
+        )
+    if not extensions:
+        from scrapy.utils.asyncio import run_in_thread as scrapy_run_in_thread
+
+        name = getattr(func, "__qualname__", repr(func))
+        if name not in _warned_thread:
+            _warned_thread.add(name)
+            logger.warning(
+                "run_in_thread(%s): scrapy-speedup is not enabled in this process;"
+                " running it in Scrapy's shared thread pool, with no timeout",
+                name,
+            )
+        return await scrapy_run_in_thread(func, *args, **kwargs)
+    thread_result: _T = await extensions[0].run_in_thread(func, *args, timeout=timeout, **kwargs)
+    return thread_result
+
+
+def blocking(
+    func: Callable[_P, _T] | None = None, /, *, timeout: float | None = None
+) -> Any:
+    """Mark a function or method that blocks: calling it returns a coroutine
+    that runs it in the crawl's thread pool.
+
+    ::
+
+        class StorePipeline:
+            @blocking(timeout=10)
+            def process_item(self, item):
+                self.client.put(item)   # a blocking SDK call
+                return item
+
+    Scrapy awaits the coroutine, so the reactor keeps downloading meanwhile.
+    ``@blocking`` without arguments uses ``SPEEDUP_THREAD_TIMEOUT_SECONDS``.
+    """
+
+    def decorate(function: Callable[_P, _T]) -> Callable[_P, Coroutine[Any, Any, _T]]:
+        @functools.wraps(function)
+        async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            return await run_in_thread(function, *args, timeout=timeout, **kwargs)
+
+        return wrapper
+
+    if func is not None:
+        return decorate(func)
+    return decorate
