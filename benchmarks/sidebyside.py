@@ -32,13 +32,14 @@ __all__ = ["CrawlRun", "DemoSite", "compare_items", "run_crawl"]
 class DemoSite:
     """``python -m scrapy_speedup.demo`` in a subprocess, for a ``with`` block."""
 
-    def __init__(self, products: int, latency_ms: float) -> None:
+    def __init__(self, products: int, latency_ms: float, api_latency_ms: float = 50) -> None:
         self.products, self.latency_ms = products, latency_ms
+        self.api_latency_ms = api_latency_ms
 
     def __enter__(self) -> DemoSite:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scrapy_speedup.demo", "--products", str(self.products),
-             "--latency-ms", str(self.latency_ms)],
+             "--latency-ms", str(self.latency_ms), "--api-latency-ms", str(self.api_latency_ms)],
             stdout=subprocess.PIPE, text=True,
         )
         assert self.process.stdout is not None

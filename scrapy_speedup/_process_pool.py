@@ -190,6 +190,7 @@ class ProcessPool:
         if self._closed:
             raise PoolClosedError("the process pool of this crawl is already closed")
         self._started = True
+        warm_up_fork_server(self.config)  # a no-op if the add-on started it
         self._spec = _worker.WorkerSpec(
             progress=self._progress,
             log_level=logging.getLogger().getEffectiveLevel(),

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    # typing.Self requires Python 3.11
     from typing import Self
 
     from scrapy.settings import BaseSettings

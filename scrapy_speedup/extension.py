@@ -13,14 +13,12 @@ from scrapy import signals
 from scrapy.exceptions import NotConfigured
 
 from scrapy_speedup._bridge import Bridge
-from scrapy_speedup._process_pool import ProcessPool, warm_up_fork_server
+from scrapy_speedup._process_pool import ProcessPool
 from scrapy_speedup._thread_pool import ThreadPool
 from scrapy_speedup.config import SpeedupConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    # typing.Self requires Python 3.11
     from typing import Self
 
     from scrapy import Spider
@@ -60,8 +58,6 @@ class SpeedupExtension:
         if not config.enabled:
             raise NotConfigured
         ext = cls(crawler, config)
-        if config.process_enabled:
-            warm_up_fork_server(config)
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
         _running.add(ext)

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from scrapy_speedup.extension import SpeedupExtension
 
 if TYPE_CHECKING:
-    # typing.Self requires Python 3.11
     from typing import Self
 
     from scrapy.crawler import Crawler

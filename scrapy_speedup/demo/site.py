@@ -2,6 +2,9 @@
 
 Run ``python -m scrapy_speedup.demo --products 2000 --latency-ms 20``; it
 prints ``listening on http://127.0.0.1:PORT`` once it accepts connections.
+
+``POST /api/items`` is a stand-in for the API a pipeline sends items to: it
+answers ``{"stored": true}`` after ``--api-latency-ms``.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ _PRODUCT = re.compile(rb"^/product/(\d+)\.html$")
 class CatalogueResource(Resource):
     isLeaf = True  # noqa: N815 - Twisted's name
 
-    def __init__(self, products: int, latency_s: float) -> None:
+    def __init__(self, products: int, latency_s: float, api_latency_s: float = 0.05) -> None:
         super().__init__()
         self.products = products
         self.latency_s = latency_s
+        self.api_latency_s = api_latency_s
         self._cache: dict[bytes, bytes | None] = {}
 
     def _page(self, path: bytes) -> bytes | None:
@@ -54,6 +58,13 @@ class CatalogueResource(Resource):
     def render_GET(self, request: Request) -> int:  # noqa: N802 - Twisted's name
         body = self._page(request.path)
         reactor.callLater(self.latency_s, self._respond, request, body)
+        return NOT_DONE_YET
+
+    def render_POST(self, request: Request) -> int | bytes:  # noqa: N802 - Twisted's name
+        if request.path != b"/api/items":
+            request.setResponseCode(404)
+            return b"{}"
+        reactor.callLater(self.api_latency_s, self._respond, request, b'{"stored": true}')
         return NOT_DONE_YET
 
     @staticmethod
@@ -77,9 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--products", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--api-latency-ms", type=float, default=50.0)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args(argv)
-    site = _QuietSite(CatalogueResource(args.products, args.latency_ms / 1000))
+    site = _QuietSite(
+        CatalogueResource(args.products, args.latency_ms / 1000, args.api_latency_ms / 1000)
+    )
     site.noisy = False
     port = reactor.listenTCP(args.port, site, backlog=1024, interface="127.0.0.1")
     print(f"listening on http://127.0.0.1:{port.getHost().port}", flush=True)

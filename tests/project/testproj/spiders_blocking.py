@@ -26,7 +26,7 @@ class BlockingSpider(scrapy.Spider):
             yield scrapy.Request(f"{self.site}/product/{i}.html", cb_kwargs={"id": i})
 
     async def parse(self, response, id):
-        item = {"id": id, "url": response.url}
+        item = {"id": id, "url": response.url, "tags": ["product", f"p{id}"]}
         if self.mode == "call":
             settings = self.crawler.settings
             fault = settings.getdict("TEST_FAULTS").get(str(id))
@@ -74,6 +74,7 @@ class DnsSpider(scrapy.Spider):
             from scrapy.utils.defer import maybe_deferred_to_future
             from twisted.internet import reactor
 
-            return await maybe_deferred_to_future(reactor.resolve(host).addTimeout(timeout, reactor))
+            lookup = reactor.resolve(host).addTimeout(timeout, reactor)
+            return await maybe_deferred_to_future(lookup)
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, 80), timeout)
         return infos[0][4][0]

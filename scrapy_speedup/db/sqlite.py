@@ -1,0 +1,97 @@
+"""Store items in SQLite, batched in one writer thread."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from scrapy_speedup._thread_pool import ThreadPool
+from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
+from scrapy_speedup.db._batching import BatchingPipeline, Row, batch_settings, table_setting
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Self
+
+    from scrapy.crawler import Crawler
+
+__all__ = ["SQLitePipeline"]
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class SQLitePipeline(BatchingPipeline):
+    """Stores items in the table ``SPEEDUP_SQLITE_TABLE`` of the database file
+    ``SPEEDUP_SQLITE_PATH``. Columns are added as fields appear; nested fields
+    are stored as JSON text. SQLite allows one writer, so one thread does all
+    the writing, off the reactor thread."""
+
+    def __init__(self, crawler: Crawler, path: str, table: str) -> None:
+        super().__init__(crawler, *batch_settings(crawler))
+        self.path, self.table = path, table
+        self._db: sqlite3.Connection | None = None
+        self._columns: set[str] = set()
+        config = SpeedupConfig.from_settings(crawler.settings)
+        self._writer = ThreadPool(crawler, replace(config, thread_workers=1), self.bridge)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        path = crawler.settings.get("SPEEDUP_SQLITE_PATH")
+        if not path:
+            raise SpeedupSettingsError(
+                "SQLitePipeline needs SPEEDUP_SQLITE_PATH, the database file to write"
+            )
+        return cls(crawler, str(path), table_setting(crawler, "SPEEDUP_SQLITE_TABLE"))
+
+    async def run_blocking(self, func: Callable[..., Any], *args: Any) -> Any:
+        return await self._writer.run(func, args, {}, None)
+
+    async def close_spider(self) -> None:
+        await super().close_spider()
+        await self._writer.close()
+
+    def connect(self) -> None:
+        # check_same_thread: the one writer thread uses it, but not the one
+        # that created it (any thread of the pool may run connect()).
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        table = _quote(self.table)
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id_ INTEGER PRIMARY KEY)")
+        self._columns = {
+            row[1] for row in self._db.execute(f"PRAGMA table_info({_quote(self.table)})")
+        }
+
+    def write(self, rows: list[Row]) -> list[str | None]:
+        db = self._db
+        assert db is not None
+        for column in self.new_columns(rows, self._columns):
+            db.execute(f"ALTER TABLE {_quote(self.table)} ADD COLUMN {_quote(column)}")
+            self._columns.add(column)
+        try:
+            with db:  # one transaction for the batch
+                for row in rows:
+                    db.execute(*self._insert(row))
+            return [None] * len(rows)
+        except sqlite3.Error:
+            pass
+        errors: list[str | None] = []
+        for row in rows:  # the batch was rolled back: find the rows at fault
+            try:
+                with db:
+                    db.execute(*self._insert(row))
+                errors.append(None)
+            except sqlite3.Error as exc:
+                errors.append(f"SQLite refused the item: {exc}")
+        return errors
+
+    def _insert(self, row: Row) -> tuple[str, list[Any]]:
+        names = ", ".join(_quote(k) for k in row)
+        marks = ", ".join("?" for _ in row)
+        return f"INSERT INTO {_quote(self.table)} ({names}) VALUES ({marks})", list(row.values())
+
+    def disconnect(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
