@@ -31,9 +31,12 @@ RESULTS = Path(__file__).parent / "results"
 def run_rounds(site: str, configs: dict[str, tuple[dict, dict]], repeat: int,
                title: str) -> dict[str, list]:
     runs: dict[str, list] = {label: [] for label in configs}
+    labels = list(configs)
     for i in range(repeat):
         print(f"  {title}, round {i + 1}/{repeat}", flush=True)
-        for label, (settings, args) in configs.items():
+        # A different order each round, so that no configuration always runs first.
+        for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
+            settings, args = configs[label]
             runs[label].append(run_crawl(label, site, settings, args))
     return runs
 

@@ -48,10 +48,13 @@ def main() -> None:
             "no pipeline (reactor ceiling)": {**api, "ADDONS": {}, "ITEM_PIPELINES": {}},
         }
         runs: dict[str, list] = {label: [] for label in configs}
+        labels = list(configs)
         for i in range(args.repeat):
             print(f"  round {i + 1}/{args.repeat}", flush=True)
-            for label, settings in configs.items():
-                runs[label].append(run_crawl(label, site.url, settings))
+            # A different order each round: no configuration always runs
+            # right after the long vanilla run, or first.
+            for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
+                runs[label].append(run_crawl(label, site.url, configs[label]))
     vanilla, speedup, by_hand, ceiling = runs.values()
     print(f"\nA blocking {API_LATENCY_S * 1000:.0f} ms API call per item, {THREADS} threads")
     print_table(list(runs.values()), list(runs))

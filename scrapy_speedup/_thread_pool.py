@@ -70,15 +70,18 @@ class ThreadPool:
         self._lock = threading.Lock()
         self._busy = 0
         self._busy_max = 0
+        self._idle = 0  # threads waiting for a call; guarded by _lock
         self._spawned = 0
         self._closed = False
 
     def _spawn(self) -> None:
+        """Start a thread; the caller has counted it idle already."""
         self._spawned += 1
         thread = threading.Thread(
             target=self._work, name=f"scrapy-speedup-thread-{self._spawned}", daemon=True
         )
-        self._threads.add(thread)
+        with self._lock:
+            self._threads.add(thread)
         thread.start()
 
     async def run(
@@ -93,14 +96,20 @@ class ThreadPool:
         if self._closed:
             self.stats.inc_value(_STAT + "error_count")
             raise PoolClosedError(f"{name}: the thread pool of this crawl is closed")
-        if not self._threads:
-            for _ in range(self.config.thread_workers):
-                self._spawn()
-            self.stats.set_value(_STAT + "workers", self.config.thread_workers)
         call = _Call(func, args, kwargs, name, self.bridge.new_waiter(), timeout)
         if timeout is not None:
             self._watch_timeouts(timeout)
         self._calls.put(call)
+        # Threads start as calls need them, as in Twisted's pool: a crawl that
+        # needs 8 at once runs 8, not SPEEDUP_THREAD_WORKERS.
+        with self._lock:
+            needs_thread = self._idle == 0 and len(self._threads) - len(self._stuck) < (
+                self.config.thread_workers
+            )
+            if needs_thread:
+                self._idle += 1  # counted now, so the next call sees it
+        if needs_thread:
+            self._spawn()
         return await call.waiter
 
     def _work(self) -> None:
@@ -110,6 +119,7 @@ class ThreadPool:
             if call is None:
                 break
             with self._lock:
+                self._idle -= 1
                 call.started_at = time.monotonic()
                 self._running.add(call)
                 self._busy += 1
@@ -122,8 +132,10 @@ class ThreadPool:
             with self._lock:
                 self._running.discard(call)
                 self._busy -= 1
+                self._idle += 1
             self.bridge.call_from_thread(self._on_done, call, result, error)
         with self._lock:
+            self._idle -= 1
             self._threads.discard(threading.current_thread())
 
     def _on_done(self, call: _Call, result: Any, error: BaseException | None) -> None:
@@ -133,14 +145,17 @@ class ThreadPool:
         )
         self.stats.max_value(_STAT + "busy_max", self._busy_max)
         if call.timed_out:
-            # A stuck call came back: its replacement took its place, so this
-            # thread retires to keep the pool at its size.
+            # A stuck call came back: its replacement took its place, so a
+            # thread retires if the pool is now above its size.
             self._stuck.discard(call)
+            with self._lock:
+                excess = len(self._threads) - len(self._stuck) > self.config.thread_workers
             logger.info(
                 "%s returned after %.1f s, past its timeout", call.name,
                 time.monotonic() - call.started_at, extra={"crawler": self.crawler},
             )
-            self._calls.put(None)
+            if excess:
+                self._calls.put(None)
             return
         if error is None:
             self.stats.inc_value(_STAT + "succeeded_count")
@@ -194,6 +209,8 @@ class ThreadPool:
             call.name, call.timeout, len(self._stuck), extra={"crawler": self.crawler},
         )
         if not self._closed:
+            with self._lock:
+                self._idle += 1
             self._spawn()
 
     async def close(self) -> None:
