@@ -5,7 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs bench clean system-deps
+# The database tests start a real PostgreSQL server: Debian's, installed here
+# when it is missing (as root, or through sudo).
+POSTGRES_INITDB := $(wildcard /usr/lib/postgresql/*/bin/initdb)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +22,14 @@ demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py
 
 ## make test: lint, type check, docs build, then the whole test suite
-test: lint docs
+test: system-deps lint docs
 	$(BIN)/python -m pytest
+
+system-deps:
+ifeq ($(POSTGRES_INITDB),)
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends postgresql
+endif
 
 lint: $(STAMP)
 	$(BIN)/ruff check scrapy_speedup tests benchmarks example_project
@@ -31,6 +41,7 @@ docs: $(STAMP)
 ## make bench: the benchmarks of docs/benchmarks.rst (several minutes)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_process.py
+	$(BIN)/python benchmarks/bench_thread.py
 
 clean:
 	rm -rf $(VENV) docs/_build benchmarks/results *.egg-info

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
+from scrapy_speedup.db._batching import DatabaseError
 from scrapy_speedup.db.postgres import PostgresPipeline
 from scrapy_speedup.db.sqlite import SQLitePipeline
 
-__all__ = ["PostgresPipeline", "SQLitePipeline"]
+__all__ = ["DatabaseError", "PostgresPipeline", "SQLitePipeline"]
