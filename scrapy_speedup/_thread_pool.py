@@ -38,7 +38,6 @@ __all__ = ["ThreadPool"]
 
 logger = logging.getLogger(__name__)
 
-_STAT = "speedup/thread/"
 
 
 @dataclass(eq=False)
@@ -57,11 +56,20 @@ class _Call:
 class ThreadPool:
     """Daemon threads for blocking calls; owned by :class:`SpeedupExtension`."""
 
-    def __init__(self, crawler: Crawler, config: SpeedupConfig, bridge: Bridge) -> None:
+    def __init__(
+        self,
+        crawler: Crawler,
+        config: SpeedupConfig,
+        bridge: Bridge,
+        stat_prefix: str | None = "speedup/thread/",
+    ) -> None:
+        """*stat_prefix* None keeps a private pool (a pipeline's writer thread)
+        out of the crawl's thread stats."""
         self.crawler = crawler
         self.config = config
         self.bridge = bridge
-        self.stats = crawler.stats
+        self._stats = crawler.stats if stat_prefix is not None else None
+        self._prefix = stat_prefix or ""
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._threads: set[threading.Thread] = set()
         self._stuck: set[_Call] = set()
@@ -73,6 +81,10 @@ class ThreadPool:
         self._idle = 0  # threads waiting for a call; guarded by _lock
         self._spawned = 0
         self._closed = False
+
+    def _stat(self, method: str, name: str, value: Any = 1) -> None:
+        if self._stats is not None:
+            getattr(self._stats, method)(self._prefix + name, value)
 
     def _spawn(self) -> None:
         """Start a thread; the caller has counted it idle already."""
@@ -91,10 +103,10 @@ class ThreadPool:
         kwargs: dict[str, Any],
         timeout: float | None,
     ) -> Any:
-        self.stats.inc_value(_STAT + "task_count")
+        self._stat("inc_value", "task_count")
         name = getattr(func, "__qualname__", repr(func))
         if self._closed:
-            self.stats.inc_value(_STAT + "error_count")
+            self._stat("inc_value", "error_count")
             raise PoolClosedError(f"{name}: the thread pool of this crawl is closed")
         call = _Call(func, args, kwargs, name, self.bridge.new_waiter(), timeout)
         if timeout is not None:
@@ -140,10 +152,10 @@ class ThreadPool:
 
     def _on_done(self, call: _Call, result: Any, error: BaseException | None) -> None:
         assert call.started_at is not None
-        self.stats.max_value(
-            _STAT + "queue_wait_seconds_max", round(call.started_at - call.queued_at, 3)
+        self._stat(
+            "max_value", "queue_wait_seconds_max", round(call.started_at - call.queued_at, 3)
         )
-        self.stats.max_value(_STAT + "busy_max", self._busy_max)
+        self._stat("max_value", "busy_max", self._busy_max)
         if call.timed_out:
             # A stuck call came back: its replacement took its place, so a
             # thread retires if the pool is now above its size.
@@ -158,10 +170,10 @@ class ThreadPool:
                 self._calls.put(None)
             return
         if error is None:
-            self.stats.inc_value(_STAT + "succeeded_count")
+            self._stat("inc_value", "succeeded_count")
             self.bridge.resolve(call.waiter, result)
         else:
-            self.stats.inc_value(_STAT + "error_count")
+            self._stat("inc_value", "error_count")
             self.bridge.fail(call.waiter, error)
 
     def _watch_timeouts(self, timeout: float) -> None:
@@ -195,9 +207,9 @@ class ThreadPool:
 
     def _on_timeout(self, call: _Call) -> None:
         call.timed_out = True
-        self.stats.inc_value(_STAT + "timeout_count")
-        self.stats.inc_value(_STAT + "error_count")
-        self.stats.inc_value(_STAT + "stuck_count")
+        self._stat("inc_value", "timeout_count")
+        self._stat("inc_value", "error_count")
+        self._stat("inc_value", "stuck_count")
         self._stuck.add(call)
         self.bridge.fail(
             call.waiter,

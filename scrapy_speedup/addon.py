@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import TYPE_CHECKING
 
 from scrapy.utils.misc import load_object
@@ -26,6 +27,16 @@ class Addon:
     """
 
     def update_settings(self, settings: BaseSettings) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # A worker process is starting and importing the main script,
+            # which sets up a crawl: without this, every worker would run a
+            # crawl of its own and the pool would never start.
+            raise RuntimeError(
+                "scrapy-speedup: a crawl is being set up while a worker process"
+                " starts: the script that runs the crawl runs again in each"
+                " worker. Put the code that starts the crawl under"
+                " `if __name__ == \"__main__\":`, as multiprocessing requires."
+            )
         config = SpeedupConfig.from_settings(settings)
         if not config.enabled:
             return

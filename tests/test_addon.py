@@ -87,3 +87,18 @@ def test_run_in_process_asks_which_crawler_when_several_run(demo_site: DemoSite,
     assert errors
     assert all("cannot tell which of the 2 crawls" in e for e in errors)
     assert "SpeedupExtension.of(self.crawler).run_in_process" in errors[0]
+
+
+@pytest.mark.subprocess
+def test_script_without_main_guard_fails_clearly(demo_site: DemoSite, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{REPO}"}
+    result = subprocess.run(
+        [sys.executable, "unguarded_crawl.py", demo_site.url],
+        cwd=PROJECT, env=env, timeout=90, capture_output=True, text=True, check=False,
+    )
+    log = result.stdout + result.stderr
+    # Each worker's re-run of the script stops at once with a message that
+    # says what to fix, and the worker goes on to serve the real crawl.
+    assert 'Put the code that starts the crawl under `if __name__ == "__main__":`' in log
+    assert "scrapy-speedup process pool: 3 tasks: 3 succeeded" in log
+    assert result.returncode == 0

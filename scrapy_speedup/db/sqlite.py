@@ -35,7 +35,9 @@ class SQLitePipeline(BatchingPipeline):
         self._db: sqlite3.Connection | None = None
         self._columns: set[str] = set()
         config = SpeedupConfig.from_settings(crawler.settings)
-        self._writer = ThreadPool(crawler, replace(config, thread_workers=1), self.bridge)
+        self._writer = ThreadPool(
+            crawler, replace(config, thread_workers=1), self.bridge, stat_prefix=None
+        )
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
