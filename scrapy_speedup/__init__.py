@@ -5,6 +5,7 @@ Enable it with ``ADDONS = {"scrapy_speedup.Addon": 500}`` in ``settings.py``.
 
 from __future__ import annotations
 
+from scrapy_speedup.adaptive import AdaptiveConcurrencyMiddleware
 from scrapy_speedup.addon import Addon
 from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
 from scrapy_speedup.exceptions import (
@@ -27,6 +28,7 @@ from scrapy_speedup.offload import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveConcurrencyMiddleware",
     "Addon",
     "CpuBoundFunction",
     "OffloadError",

@@ -41,6 +41,14 @@ class Addon:
         if not config.enabled:
             return
         settings.set_in_component_priority_dict("EXTENSIONS", SpeedupExtension, 0)
+        if config.adaptive_enabled:
+            from scrapy_speedup.adaptive import AdaptiveConcurrencyMiddleware
+
+            # Above RetryMiddleware (550): it sees a 503 first, and retries it
+            # without using Scrapy's retry budget.
+            settings.set_in_component_priority_dict(
+                "DOWNLOADER_MIDDLEWARES", AdaptiveConcurrencyMiddleware, 580
+            )
         if config.process_enabled and config.process_pipelines:
             self._offload_pipelines(settings, config.process_pipelines)
             # The earliest hook there is: the fork server imports Scrapy while

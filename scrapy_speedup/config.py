@@ -97,6 +97,11 @@ class SpeedupConfig:
     thread_enabled: bool
     thread_workers: int
     thread_timeout_seconds: float | None
+    adaptive_enabled: bool
+    adaptive_min_concurrency: int
+    adaptive_max_concurrency: int
+    adaptive_overload_retry_times: int
+    adaptive_debug: bool
     shutdown_timeout_seconds: float
 
     @classmethod
@@ -136,6 +141,21 @@ class SpeedupConfig:
         _positive("SPEEDUP_THREAD_WORKERS", thread_workers)
         thread_timeout = _get(settings, "SPEEDUP_THREAD_TIMEOUT_SECONDS", float, None)
         _positive("SPEEDUP_THREAD_TIMEOUT_SECONDS", thread_timeout)
+        adaptive_min = _get(settings, "SPEEDUP_ADAPTIVE_MIN_CONCURRENCY", int, 1)
+        _positive("SPEEDUP_ADAPTIVE_MIN_CONCURRENCY", adaptive_min)
+        adaptive_max = _get(
+            settings,
+            "SPEEDUP_ADAPTIVE_MAX_CONCURRENCY",
+            int,
+            settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN", 8),
+        )
+        if adaptive_max < adaptive_min:
+            raise SpeedupSettingsError(
+                f"SPEEDUP_ADAPTIVE_MAX_CONCURRENCY ({adaptive_max}) must be at least"
+                f" SPEEDUP_ADAPTIVE_MIN_CONCURRENCY ({adaptive_min})"
+            )
+        overload_retries = _get(settings, "SPEEDUP_ADAPTIVE_OVERLOAD_RETRY_TIMES", int, 10)
+        _positive("SPEEDUP_ADAPTIVE_OVERLOAD_RETRY_TIMES", overload_retries, allow_zero=True)
         shutdown_timeout = _get(settings, "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0)
         _positive("SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", shutdown_timeout)
 
@@ -160,5 +180,10 @@ class SpeedupConfig:
             thread_enabled=_get(settings, "SPEEDUP_THREAD_ENABLED", bool, True),
             thread_workers=thread_workers,
             thread_timeout_seconds=thread_timeout,
+            adaptive_enabled=_get(settings, "SPEEDUP_ADAPTIVE_CONCURRENCY_ENABLED", bool, False),
+            adaptive_min_concurrency=adaptive_min,
+            adaptive_max_concurrency=adaptive_max,
+            adaptive_overload_retry_times=overload_retries,
+            adaptive_debug=_get(settings, "SPEEDUP_ADAPTIVE_DEBUG", bool, False),
             shutdown_timeout_seconds=shutdown_timeout,
         )

@@ -218,3 +218,18 @@ def postgres_dsn() -> Iterator[str]:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
                        check=False, capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def start_capacity_site(capacity: int, latency_ms: float,
+                        halve_after_s: float | None = None) -> DemoSite:
+    cmd = [sys.executable, "-m", "scrapy_speedup.demo.capacity", "--capacity", str(capacity),
+           "--latency-ms", str(latency_ms)]
+    if halve_after_s is not None:
+        cmd += ["--halve-after-s", str(halve_after_s)]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    match = re.search(r"listening on (http://\S+)", process.stdout.readline())
+    if not match:
+        process.kill()
+        raise RuntimeError("the capacity site did not start")
+    return DemoSite(match[1], process)

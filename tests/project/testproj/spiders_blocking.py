@@ -78,3 +78,21 @@ class DnsSpider(scrapy.Spider):
             return await maybe_deferred_to_future(lookup)
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, 80), timeout)
         return infos[0][4][0]
+
+
+class PagesSpider(scrapy.Spider):
+    """``/page/0`` .. ``/page/count-1`` of a capacity site, all at once."""
+
+    name = "pages"
+    custom_settings = {"ITEM_PIPELINES": {}}
+
+    def __init__(self, site, count="300", **kwargs):
+        super().__init__(**kwargs)
+        self.site, self.count = site.rstrip("/"), int(count)
+
+    async def start(self):
+        for i in range(self.count):
+            yield scrapy.Request(f"{self.site}/page/{i}")
+
+    def parse(self, response):
+        yield {"url": response.url}

@@ -1,0 +1,102 @@
+"""A local server with a capacity, for testing and benchmarking concurrency.
+
+It serves at most ``--capacity`` requests at once, each after ``--latency-ms``;
+the next ``--capacity`` requests wait in a queue; beyond that it answers 503
+at once, with ``Retry-After: 1``. With ``--halve-after-s T`` its capacity
+halves T seconds after the first request. Pages link nowhere: crawlers request
+``/page/N`` for the N they want.
+
+Run ``python -m scrapy_speedup.demo.capacity --capacity 6 --latency-ms 50``;
+it prints ``listening on http://127.0.0.1:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import deque
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+__all__ = ["CapacityResource", "main"]
+
+reactor: Any = _reactor  # the installed reactor; the stubs cannot know it
+
+
+class CapacityResource(Resource):
+    isLeaf = True  # noqa: N815 - Twisted's name
+
+    def __init__(self, capacity: int, latency_s: float, halve_after_s: float | None) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.latency_s = latency_s
+        self.halve_after_s = halve_after_s
+        self.active = 0
+        self.queue: deque[Any] = deque()
+        self.served = self.rejected = 0
+        self._started = False
+
+    def render_GET(self, request: Any) -> bytes | int:  # noqa: N802 - Twisted's name
+        if not self._started and self.halve_after_s is not None:
+            reactor.callLater(self.halve_after_s, self._halve)
+        self._started = True
+        if request.path == b"/stats":
+            return (
+                f'{{"served": {self.served}, "rejected": {self.rejected},'
+                f' "capacity": {self.capacity}}}'
+            ).encode()
+        if self.active < self.capacity:
+            self._serve(request)
+        elif len(self.queue) < self.capacity:
+            self.queue.append(request)
+        else:
+            self.rejected += 1
+            request.setResponseCode(503)
+            request.setHeader(b"retry-after", b"1")
+            return b"<html><body>Busy</body></html>"
+        return NOT_DONE_YET
+
+    def _halve(self) -> None:
+        self.capacity = max(1, self.capacity // 2)
+
+    def _serve(self, request: Any) -> None:
+        self.active += 1
+        reactor.callLater(self.latency_s, self._respond, request)
+
+    def _respond(self, request: Any) -> None:
+        self.active -= 1
+        if not request._disconnected:
+            self.served += 1
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            request.write(b"<html><body><p>%s</p></body></html>" % request.path)
+            request.finish()
+        while self.queue and self.active < self.capacity:
+            waiting = self.queue.popleft()
+            if not waiting._disconnected:
+                self._serve(waiting)
+
+
+class _QuietSite(Site):
+    def log(self, request: Any) -> None:
+        """No access log."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--capacity", type=int, default=6)
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--halve-after-s", type=float, default=None)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    resource = CapacityResource(args.capacity, args.latency_ms / 1000, args.halve_after_s)
+    site = _QuietSite(resource)
+    site.noisy = False
+    port = reactor.listenTCP(args.port, site, backlog=1024, interface="127.0.0.1")
+    print(f"listening on http://127.0.0.1:{port.getHost().port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

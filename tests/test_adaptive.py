@@ -1,0 +1,82 @@
+"""Adaptive concurrency against real servers with a capacity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DemoSite, run_crawl, start_capacity_site
+
+pytestmark = pytest.mark.subprocess
+
+ADAPTIVE = {
+    "SPEEDUP_ADAPTIVE_CONCURRENCY_ENABLED": True,
+    "SPEEDUP_ADAPTIVE_DEBUG": True,
+    "CONCURRENT_REQUESTS": 64,
+    "CONCURRENT_REQUESTS_PER_DOMAIN": 64,
+}
+SLOT = "speedup/adaptive/127.0.0.1/"
+
+
+@pytest.fixture
+def site_of_6() -> Iterator[DemoSite]:
+    """Serves 6 requests at once (50 ms), queues 6 more, answers 503 beyond."""
+    site = start_capacity_site(6, 50)
+    yield site
+    site.process.terminate()
+    site.process.wait(10)
+
+
+def crawl_pages(tmp_path: Path, site: DemoSite, count: int, runtime: str = "asyncio",
+                **settings):
+    result = run_crawl(tmp_path, spider="pages", runtime=runtime,
+                       settings={**ADAPTIVE, **settings},
+                       args={"site": site.url, "count": count})
+    assert result.returncode == 0, result.log
+    # No page lost: overloaded requests are retried, not dropped.
+    assert len(result.items) == count, result.stats
+    return result
+
+
+def test_backs_off_to_the_capacity_of_the_site(site_of_6: DemoSite, runtime: str,
+                                               tmp_path: Path) -> None:
+    result = crawl_pages(tmp_path, site_of_6, 300, runtime)
+    responses = result.stat("downloader/response_count")
+    rejected = result.stat("downloader/response_status_count/503")
+    # A fixed concurrency of 64 gets hundreds of 503s here and loses pages.
+    assert rejected <= 0.05 * responses, result.stats
+    assert result.stat("retry/max_reached") == 0
+    assert 4 <= result.stat(SLOT + "concurrency") <= 20, result.stats
+    assert "slot 127.0.0.1: concurrency" in result.log  # SPEEDUP_ADAPTIVE_DEBUG
+
+
+def test_grows_to_the_ceiling_on_a_site_without_limit(tmp_path: Path) -> None:
+    site = start_capacity_site(10_000, 50)
+    try:
+        result = crawl_pages(tmp_path, site, 600)
+    finally:
+        site.process.terminate()
+        site.process.wait(10)
+    assert result.stat(SLOT + "concurrency_max") == 64
+    assert result.stat("downloader/response_status_count/503") == 0
+
+
+def test_follows_a_capacity_that_halves(tmp_path: Path) -> None:
+    site = start_capacity_site(12, 50, halve_after_s=1.5)
+    try:
+        result = crawl_pages(tmp_path, site, 800)
+    finally:
+        site.process.terminate()
+        site.process.wait(10)
+    assert result.stat("downloader/response_status_count/503") <= 0.05 * 800, result.stats
+    assert result.stat(SLOT + "concurrency") < result.stat(SLOT + "concurrency_max")
+
+
+def test_bounds_are_settings(site_of_6: DemoSite, tmp_path: Path) -> None:
+    result = crawl_pages(tmp_path, site_of_6, 100, SPEEDUP_ADAPTIVE_MIN_CONCURRENCY=2,
+                         SPEEDUP_ADAPTIVE_MAX_CONCURRENCY=3)
+    assert 2 <= result.stat(SLOT + "concurrency_min")
+    assert result.stat(SLOT + "concurrency_max") <= 3
+    assert result.stat("downloader/response_status_count/503") == 0
