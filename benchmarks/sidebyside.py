@@ -109,10 +109,11 @@ def _tree_cpu(root: psutil.Process, seen: dict[int, float]) -> None:
 
 
 def run_crawl(label: str, site: str, settings: dict[str, Any] | None = None,
-              args: dict[str, Any] | None = None, timeout_s: float = 600) -> CrawlRun:
+              args: dict[str, Any] | None = None, *, timeout_s: float = 600,
+              spider: str = "catalogue") -> CrawlRun:
     with tempfile.TemporaryDirectory() as tmp:
         stats_file, items_file = Path(tmp, "stats.json"), Path(tmp, "items.jsonl")
-        cmd = [sys.executable, "-m", "scrapy", "crawl", "catalogue", "-a", f"site={site}",
+        cmd = [sys.executable, "-m", "scrapy", "crawl", spider, "-a", f"site={site}",
                "-o", f"{items_file}:jsonlines",
                "-s", "STATS_CLASS=jsonstats.JsonStatsCollector",
                "-s", f"BENCH_STATS_FILE={stats_file}", "-s", "LOG_LEVEL=WARNING"]
@@ -125,7 +126,10 @@ def run_crawl(label: str, site: str, settings: dict[str, Any] | None = None,
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(PROJECT)])}
         cpu: dict[int, float] = {}
         started = time.perf_counter()
-        process = subprocess.Popen(cmd, cwd=PROJECT, env=env, stderr=subprocess.PIPE, text=True)
+        # A file, not a pipe: a crawl that logs more than a pipe holds would
+        # block on it while nobody reads.
+        log = open(Path(tmp, "crawl.log"), "w+")  # closed below
+        process = subprocess.Popen(cmd, cwd=PROJECT, env=env, stderr=log, text=True)
         root = psutil.Process(process.pid)
         deadline = time.monotonic() + timeout_s
         while process.poll() is None:
@@ -135,9 +139,11 @@ def run_crawl(label: str, site: str, settings: dict[str, Any] | None = None,
                 raise RuntimeError(f"{label}: crawl ran past {timeout_s} s")
             time.sleep(0.1)
         wall = time.perf_counter() - started
-        _, err = process.communicate()
+        log.seek(0)
+        err = log.read()
+        log.close()
         if process.returncode != 0:
-            raise RuntimeError(f"{label}: crawl failed ({process.returncode}):\n{err}")
+            raise RuntimeError(f"{label}: crawl failed ({process.returncode}):\n{err[-5000:]}")
         stats = json.loads(stats_file.read_text())
         rows = [json.loads(line) for line in items_file.read_text().splitlines()]
     return CrawlRun(label, int(stats.get("response_received_count", 0)),
