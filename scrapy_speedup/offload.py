@@ -8,7 +8,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from scrapy_speedup.extension import running_extensions
+from scrapy_speedup.extension import SpeedupExtension, running_extensions
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -21,6 +21,19 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 _warned_inline: set[str] = set()
+
+
+def _the_running_extension(what: str) -> SpeedupExtension | None:
+    """The extension of the one crawl with scrapy-speedup in this process, or
+    None if there is none; several is an error, as the call cannot choose."""
+    extensions = running_extensions()
+    if len(extensions) > 1:
+        raise RuntimeError(
+            f"{what}() cannot tell which of the {len(extensions)} crawls with"
+            f" scrapy-speedup in this process to use; call"
+            f" SpeedupExtension.of(self.crawler).{what}(...) instead"
+        )
+    return extensions[0] if extensions else None
 
 
 async def run_in_process(func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -36,14 +49,8 @@ async def run_in_process(func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P
     several do, call ``SpeedupExtension.of(self.crawler).run_in_process(...)``.
     Without scrapy-speedup enabled, the call runs inline (with a warning).
     """
-    extensions = running_extensions()
-    if len(extensions) > 1:
-        raise RuntimeError(
-            f"run_in_process() cannot tell which of the {len(extensions)} crawls"
-            " with scrapy-speedup in this process to use; call"
-            " SpeedupExtension.of(self.crawler).run_in_process(...) instead"
-        )
-    if not extensions:
+    extension = _the_running_extension("run_in_process")
+    if extension is None:
         name = getattr(func, "__qualname__", repr(func))
         if name not in _warned_inline:
             _warned_inline.add(name)
@@ -54,7 +61,7 @@ async def run_in_process(func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P
                 name,
             )
         return getattr(func, "__speedup_wrapped__", func)(*args, **kwargs)
-    result: _T = await extensions[0].run_in_process(func, *args, **kwargs)
+    result: _T = await extension.run_in_process(func, *args, **kwargs)
     return result
 
 
@@ -130,14 +137,8 @@ async def run_in_thread(
     ``scrapy.utils.asyncio.run_in_thread`` runs it (with a warning, and no
     timeout).
     """
-    extensions = running_extensions()
-    if len(extensions) > 1:
-        raise RuntimeError(
-            f"run_in_thread() cannot tell which of the {len(extensions)} crawls"
-            " with scrapy-speedup in this process to use; call"
-            " SpeedupExtension.of(self.crawler).run_in_thread(...) instead"
-        )
-    if not extensions:
+    extension = _the_running_extension("run_in_thread")
+    if extension is None:
         from scrapy.utils.asyncio import run_in_thread as scrapy_run_in_thread
 
         name = getattr(func, "__qualname__", repr(func))
@@ -149,7 +150,7 @@ async def run_in_thread(
                 name,
             )
         return await scrapy_run_in_thread(func, *args, **kwargs)
-    thread_result: _T = await extensions[0].run_in_thread(func, *args, timeout=timeout, **kwargs)
+    thread_result: _T = await extension.run_in_thread(func, *args, timeout=timeout, **kwargs)
     return thread_result
 
 
