@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from itemadapter import ItemAdapter
 
@@ -25,6 +25,7 @@ from scrapy_speedup.config import SpeedupSettingsError
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
 
     from scrapy.crawler import Crawler
     from scrapy.utils.asyncio import CallLaterResult
@@ -83,6 +84,12 @@ class BatchingPipeline(ABC):
     """Buffers rows and writes them in batches, one batch at a time, through
     ``run_blocking`` (a thread); subclasses do the database work."""
 
+    #: Named in the message of a refused row: "SQLite refused the item: …".
+    database: ClassVar[str]
+    #: The driver's errors that mean "this row is refused" (set per instance
+    #: where the driver is an optional import).
+    refusals: tuple[type[Exception], ...]
+
     def __init__(self, crawler: Crawler, batch_size: int, interval_s: float) -> None:
         self.crawler = crawler
         self.stats = crawler.stats
@@ -113,9 +120,38 @@ class BatchingPipeline(ABC):
         """Blocking: open the connection."""
 
     @abstractmethod
+    def add_columns(self, rows: list[Row]) -> None:
+        """Blocking: add the columns that *rows* have and the table lacks."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A transaction: committed on exit, rolled back on an exception."""
+
+    @abstractmethod
+    def insert(self, row: Row) -> None:
+        """Blocking: insert one row, in the current transaction."""
+
     def write(self, rows: list[Row]) -> list[str | None]:
-        """Blocking: insert and commit *rows*; return an error message or None
-        for each row."""
+        """Blocking: insert and commit *rows* in one transaction; if the
+        database refuses it, again row by row, so that only the rows at fault
+        fail. Return an error message or None for each row."""
+        self.add_columns(rows)
+        try:
+            with self.transaction():
+                for row in rows:
+                    self.insert(row)
+            return [None] * len(rows)
+        except self.refusals:
+            pass
+        errors: list[str | None] = []
+        for row in rows:
+            try:
+                with self.transaction():
+                    self.insert(row)
+                errors.append(None)
+            except self.refusals as exc:
+                errors.append(f"{self.database} refused the item: {str(exc).strip()}")
+        return errors
 
     @abstractmethod
     def disconnect(self) -> None:

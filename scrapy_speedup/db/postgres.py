@@ -44,7 +44,12 @@ class PostgresPipeline(BatchingPipeline):
     runs in the crawl's thread pool; a row the database refuses fails its item
     with the database's message, and the other rows are stored."""
 
+    database = "PostgreSQL"
+
     def __init__(self, crawler: Crawler, dsn: str, table: str) -> None:
+        import psycopg
+
+        self.refusals = (psycopg.Error,)
         super().__init__(crawler, *batch_settings(crawler))
         self.dsn, self.table = dsn, table
         self._conn: Any = None
@@ -86,41 +91,27 @@ class PostgresPipeline(BatchingPipeline):
             )
             self._columns = {name for (name,) in cursor.fetchall()}
 
-    def write(self, rows: list[Row]) -> list[str | None]:
-        import psycopg
+    def add_columns(self, rows: list[Row]) -> None:
         from psycopg import sql
 
-        conn = self._conn
         new = self.new_columns(rows, self._columns)
-        if new:
-            with conn.transaction():
-                for column, sample in new.items():
-                    conn.execute(
-                        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                            sql.Identifier(self.table),
-                            sql.Identifier(column),
-                            sql.SQL(_column_type(sample)),
-                        )
+        if not new:
+            return
+        with self._conn.transaction():
+            for column, sample in new.items():
+                self._conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                        sql.Identifier(self.table),
+                        sql.Identifier(column),
+                        sql.SQL(_column_type(sample)),
                     )
-            self._columns.update(new)
-        try:
-            with conn.transaction():
-                for row in rows:
-                    conn.execute(*self._insert(row))
-            return [None] * len(rows)
-        except psycopg.Error:
-            pass
-        errors: list[str | None] = []
-        for row in rows:  # the batch was rolled back: find the rows at fault
-            try:
-                with conn.transaction():
-                    conn.execute(*self._insert(row))
-                errors.append(None)
-            except psycopg.Error as exc:
-                errors.append(f"PostgreSQL refused the item: {str(exc).strip()}")
-        return errors
+                )
+        self._columns.update(new)
 
-    def _insert(self, row: Row) -> tuple[Any, list[Any]]:
+    def transaction(self) -> Any:
+        return self._conn.transaction()
+
+    def insert(self, row: Row) -> None:
         from psycopg import sql
 
         query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
@@ -128,7 +119,7 @@ class PostgresPipeline(BatchingPipeline):
             sql.SQL(", ").join(sql.Identifier(k) for k in row),
             sql.SQL(", ").join(sql.Placeholder() for _ in row),
         )
-        return query, list(row.values())
+        self._conn.execute(query, list(row.values()))
 
     def disconnect(self) -> None:
         if self._conn is not None:

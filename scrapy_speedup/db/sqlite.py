@@ -29,6 +29,9 @@ class SQLitePipeline(BatchingPipeline):
     are stored as JSON text. SQLite allows one writer, so one thread does all
     the writing, off the reactor thread."""
 
+    database = "SQLite"
+    refusals = (sqlite3.Error,)
+
     def __init__(self, crawler: Crawler, path: str, table: str) -> None:
         super().__init__(crawler, *batch_settings(crawler))
         self.path, self.table = path, table
@@ -65,33 +68,23 @@ class SQLitePipeline(BatchingPipeline):
             row[1] for row in self._db.execute(f"PRAGMA table_info({_quote(self.table)})")
         }
 
-    def write(self, rows: list[Row]) -> list[str | None]:
-        db = self._db
-        assert db is not None
+    def add_columns(self, rows: list[Row]) -> None:
+        assert self._db is not None
         for column in self.new_columns(rows, self._columns):
-            db.execute(f"ALTER TABLE {_quote(self.table)} ADD COLUMN {_quote(column)}")
+            self._db.execute(f"ALTER TABLE {_quote(self.table)} ADD COLUMN {_quote(column)}")
             self._columns.add(column)
-        try:
-            with db:  # one transaction for the batch
-                for row in rows:
-                    db.execute(*self._insert(row))
-            return [None] * len(rows)
-        except sqlite3.Error:
-            pass
-        errors: list[str | None] = []
-        for row in rows:  # the batch was rolled back: find the rows at fault
-            try:
-                with db:
-                    db.execute(*self._insert(row))
-                errors.append(None)
-            except sqlite3.Error as exc:
-                errors.append(f"SQLite refused the item: {exc}")
-        return errors
 
-    def _insert(self, row: Row) -> tuple[str, list[Any]]:
+    def transaction(self) -> sqlite3.Connection:
+        assert self._db is not None
+        return self._db  # as a context manager: commit, or roll back
+
+    def insert(self, row: Row) -> None:
+        assert self._db is not None
         names = ", ".join(_quote(k) for k in row)
         marks = ", ".join("?" for _ in row)
-        return f"INSERT INTO {_quote(self.table)} ({names}) VALUES ({marks})", list(row.values())
+        self._db.execute(
+            f"INSERT INTO {_quote(self.table)} ({names}) VALUES ({marks})", list(row.values())
+        )
 
     def disconnect(self) -> None:
         if self._db is not None:
