@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project"))
 
-from demo_catalogue.minhash import signature  # noqa: E402
-from parsel import Selector  # noqa: E402
+from parsel import Selector
 
-from scrapy_speedup.demo.catalogue import product_page  # noqa: E402
+from demo_catalogue.minhash import signature
+from scrapy_speedup.demo.catalogue import product_page
 
 
 def texts(count: int) -> list[str]:
