@@ -15,16 +15,13 @@ built to spider closed). Results go to benchmarks/results/concurrency.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-from sidebyside import CrawlRun, run_crawl
+from sidebyside import CrawlRun, run_crawl, write_results
 
-RESULTS = Path(__file__).parent / "results"
 ADAPTIVE = {"SPEEDUP_ADAPTIVE_CONCURRENCY_ENABLED": True, "CONCURRENT_REQUESTS": 64,
             "CONCURRENT_REQUESTS_PER_DOMAIN": 64}
 
@@ -102,10 +99,7 @@ def main() -> None:
     results["unlimited"] = {"fixed_64": ceiling, "adaptive": adaptive,
                             "ratio": round(adaptive["pages_per_s"] / ceiling["pages_per_s"], 3)}
     print(f"  adaptive / fixed 64: {results['unlimited']['ratio']:.2f}x")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "concurrency.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_results("concurrency", results)
 
 
 if __name__ == "__main__":

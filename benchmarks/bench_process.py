@@ -19,13 +19,17 @@ benchmarks/results/process.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
-from sidebyside import DemoSite, compare_items, median_run, print_table, round_ratios, run_crawl
-
-RESULTS = Path(__file__).parent / "results"
+from sidebyside import (
+    DemoSite,
+    compare_items,
+    median_run,
+    print_table,
+    round_ratios,
+    run_crawl,
+    write_results,
+)
 
 
 def run_rounds(site: str, configs: dict[str, tuple[dict, dict]], repeat: int,
@@ -98,10 +102,7 @@ def main() -> None:
     with DemoSite(args.products, args.latency_ms) as site:
         results["heavy"] = heavy(site.url, args.repeat)
         results["small"] = small(site.url, args.repeat)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"process-{args.products}.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_results(f"process-{args.products}", results)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,17 @@ benchmarks/results/thread-<products>.json.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from sidebyside import DemoSite, compare_items, median_run, print_table, round_ratios, run_crawl
+from sidebyside import (
+    DemoSite,
+    compare_items,
+    median_run,
+    print_table,
+    round_ratios,
+    run_crawl,
+    write_results,
+)
 
-RESULTS = Path(__file__).parent / "results"
 THREADS = 32
 API_LATENCY_S = 0.05
 P = "demo_catalogue.pipelines."
@@ -77,10 +82,7 @@ def main() -> None:
         "against_vanilla": against_vanilla, "against_defer_to_thread": against_hand,
         "items_identical": same,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"thread-{args.products}.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_results(f"thread-{args.products}", results)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,17 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "example_project"
 
-__all__ = ["CrawlRun", "DemoSite", "compare_items", "run_crawl"]
+__all__ = ["CrawlRun", "DemoSite", "compare_items", "run_crawl", "write_results"]
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_results(name: str, results: dict[str, Any]) -> None:
+    """Save a benchmark's results as benchmarks/results/<name>.json."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
 
 
 class DemoSite:

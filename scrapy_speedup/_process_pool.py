@@ -555,10 +555,10 @@ class ProcessPool:
                 tasks.remove(running)
             self._on_crash(worker, pid, exitcode, running)
         # What is left never started, or ran on a worker that was not at fault.
-        for task in tasks:
-            if self._fatal is not None:
+        if self._fatal is not None:
+            for task in tasks:
                 self._settle(task, "error", self._fatal)
-        if self._fatal is None:
+        else:
             self._queue.extendleft(reversed(tasks))
         if self._closed:
             if self._exited is not None and not self._alive():

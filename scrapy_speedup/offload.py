@@ -20,7 +20,19 @@ logger = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-_warned_inline: set[str] = set()
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_fallback(api: str, func: Any, what_happens: str) -> None:
+    """Warn once per API and function that scrapy-speedup is not running."""
+    name = getattr(func, "__qualname__", repr(func))
+    if (api, name) not in _warned:
+        _warned.add((api, name))
+        logger.warning(
+            "%s(%s): scrapy-speedup is not enabled in this process (no ADDONS entry,"
+            " SPEEDUP_ENABLED=False, or inside a worker); %s",
+            api, name, what_happens,
+        )
 
 
 def _the_running_extension(what: str) -> SpeedupExtension | None:
@@ -51,15 +63,7 @@ async def run_in_process(func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P
     """
     extension = _the_running_extension("run_in_process")
     if extension is None:
-        name = getattr(func, "__qualname__", repr(func))
-        if name not in _warned_inline:
-            _warned_inline.add(name)
-            logger.warning(
-                "run_in_process(%s): scrapy-speedup is not enabled in this process"
-                " (no ADDONS entry, SPEEDUP_ENABLED=False, or inside a worker);"
-                " running it inline",
-                name,
-            )
+        _warn_fallback("run_in_process", func, "running it inline")
         return getattr(func, "__speedup_wrapped__", func)(*args, **kwargs)
     result: _T = await extension.run_in_process(func, *args, **kwargs)
     return result
@@ -117,9 +121,6 @@ def cpu_bound(func: Callable[_P, _T]) -> CpuBoundFunction[_P, _T]:
     return CpuBoundFunction(func)
 
 
-_warned_thread: set[str] = set()
-
-
 async def run_in_thread(
     func: Callable[..., _T], /, *args: Any, timeout: float | None = None, **kwargs: Any
 ) -> _T:
@@ -141,14 +142,9 @@ async def run_in_thread(
     if extension is None:
         from scrapy.utils.asyncio import run_in_thread as scrapy_run_in_thread
 
-        name = getattr(func, "__qualname__", repr(func))
-        if name not in _warned_thread:
-            _warned_thread.add(name)
-            logger.warning(
-                "run_in_thread(%s): scrapy-speedup is not enabled in this process;"
-                " running it in Scrapy's shared thread pool, with no timeout",
-                name,
-            )
+        _warn_fallback(
+            "run_in_thread", func, "running it in Scrapy's shared thread pool, with no timeout"
+        )
         return await scrapy_run_in_thread(func, *args, **kwargs)
     thread_result: _T = await extension.run_in_thread(func, *args, timeout=timeout, **kwargs)
     return thread_result

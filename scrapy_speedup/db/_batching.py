@@ -31,7 +31,15 @@ if TYPE_CHECKING:
     from scrapy.utils.asyncio import CallLaterResult
     from twisted.internet.defer import Deferred
 
-__all__ = ["BatchingPipeline", "DatabaseError", "Row", "to_row"]
+__all__ = [
+    "BatchingPipeline",
+    "DatabaseError",
+    "Row",
+    "batch_settings",
+    "required_setting",
+    "table_setting",
+    "to_row",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,13 @@ def to_row(item: Any) -> Row:
         else:
             row[key] = json.dumps(value, default=str, ensure_ascii=False)
     return row
+
+
+def required_setting(crawler: Crawler, name: str, pipeline: str, hint: str) -> str:
+    value = crawler.settings.get(name)
+    if not value:
+        raise SpeedupSettingsError(f"{pipeline} needs {name}, {hint}")
+    return str(value)
 
 
 def table_setting(crawler: Crawler, name: str) -> str:

@@ -6,7 +6,13 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from scrapy_speedup.config import SpeedupSettingsError
-from scrapy_speedup.db._batching import BatchingPipeline, Row, batch_settings, table_setting
+from scrapy_speedup.db._batching import (
+    BatchingPipeline,
+    Row,
+    batch_settings,
+    required_setting,
+    table_setting,
+)
 from scrapy_speedup.extension import SpeedupExtension
 
 if TYPE_CHECKING:
@@ -57,19 +63,17 @@ class PostgresPipeline(BatchingPipeline):
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
-        dsn = crawler.settings.get("SPEEDUP_POSTGRES_DSN")
-        if not dsn:
-            raise SpeedupSettingsError(
-                "PostgresPipeline needs SPEEDUP_POSTGRES_DSN, e.g."
-                " 'postgresql://user@127.0.0.1:5432/dbname'"
-            )
+        dsn = required_setting(
+            crawler, "SPEEDUP_POSTGRES_DSN", "PostgresPipeline",
+            "e.g. 'postgresql://user@127.0.0.1:5432/dbname'",
+        )
         try:
             import psycopg  # noqa: F401
         except ImportError:
             raise SpeedupSettingsError(
                 "PostgresPipeline needs psycopg 3: pip install 'scrapy-speedup[postgres]'"
             ) from None
-        return cls(crawler, str(dsn), table_setting(crawler, "SPEEDUP_POSTGRES_TABLE"))
+        return cls(crawler, dsn, table_setting(crawler, "SPEEDUP_POSTGRES_TABLE"))
 
     async def run_blocking(self, func: Callable[..., Any], *args: Any) -> Any:
         return await SpeedupExtension.of(self.crawler).run_in_thread(func, *args)

@@ -7,8 +7,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from scrapy_speedup._thread_pool import ThreadPool
-from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
-from scrapy_speedup.db._batching import BatchingPipeline, Row, batch_settings, table_setting
+from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.db._batching import (
+    BatchingPipeline,
+    Row,
+    batch_settings,
+    required_setting,
+    table_setting,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -44,12 +50,10 @@ class SQLitePipeline(BatchingPipeline):
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
-        path = crawler.settings.get("SPEEDUP_SQLITE_PATH")
-        if not path:
-            raise SpeedupSettingsError(
-                "SQLitePipeline needs SPEEDUP_SQLITE_PATH, the database file to write"
-            )
-        return cls(crawler, str(path), table_setting(crawler, "SPEEDUP_SQLITE_TABLE"))
+        path = required_setting(
+            crawler, "SPEEDUP_SQLITE_PATH", "SQLitePipeline", "the database file to write"
+        )
+        return cls(crawler, path, table_setting(crawler, "SPEEDUP_SQLITE_TABLE"))
 
     async def run_blocking(self, func: Callable[..., Any], *args: Any) -> Any:
         return await self._writer.run(func, args, {}, None)
