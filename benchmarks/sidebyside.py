@@ -26,7 +26,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "example_project"
 
-__all__ = ["CrawlRun", "DemoSite", "compare_items", "run_crawl", "write_results"]
+__all__ = ["CapacitySite", "CrawlRun", "DemoSite", "compare_items", "run_crawl", "write_results"]
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,6 +58,30 @@ class DemoSite:
         if not match:
             self.process.kill()
             raise RuntimeError(f"the demo site did not start: {line!r}")
+        self.url = match[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class CapacitySite:
+    """``python -m scrapy_speedup.demo.capacity`` in a subprocess, for a ``with`` block."""
+
+    def __init__(self, capacity: int, halve_after_s: float | None = None,
+                 latency_ms: float = 50) -> None:
+        self.args = ["--capacity", str(capacity), "--latency-ms", str(latency_ms)]
+        if halve_after_s is not None:
+            self.args += ["--halve-after-s", str(halve_after_s)]
+
+    def __enter__(self) -> CapacitySite:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "scrapy_speedup.demo.capacity", *self.args],
+            stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        match = re.search(r"listening on (\S+)", self.process.stdout.readline())
+        assert match, "the capacity site did not start"
         self.url = match[1]
         return self
 

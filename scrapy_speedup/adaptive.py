@@ -13,6 +13,14 @@ between ``SPEEDUP_ADAPTIVE_MIN_CONCURRENCY`` and
   shrinks in proportion. Growth is TCP's: it doubles per round trip until the
   first sign of trouble (slow start), then grows by its square root up to a
   threshold and by one past it.
+* **Local overload**: while the reactor doctor saw the reactor full over its
+  last window (about a second: its thread on the CPU 90% of the time or more,
+  or blocked longer than ``SPEEDUP_LAG_WARN_MS``), the crawl's own processing
+  is the bottleneck: the limit does not grow, as more requests in flight
+  would only wait as responses, and the latency gradient (latency then
+  includes the time responses wait for the reactor) brings it down, but not
+  below what keeps the reactor fed, by Little's law with headroom: 3 x the
+  slot's responses per second x its no-load latency.
 * **Overload**: a 429 or 503, or a download timeout, halves the limit, at most
   once per recent round trip (the responses of requests already in flight say
   nothing new), and sets the threshold to the halved limit, as TCP Reno does.
@@ -46,6 +54,7 @@ from twisted.internet.error import TCPTimedOutError, TimeoutError
 
 from scrapy_speedup._bridge import Bridge
 from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.extension import SpeedupExtension
 
 if TYPE_CHECKING:
     import asyncio
@@ -56,6 +65,8 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.http import Response
     from twisted.internet.defer import Deferred
+
+    from scrapy_speedup.reactor_doctor import ReactorDoctor, ReactorLoad
 
 __all__ = ["AdaptiveConcurrencyMiddleware"]
 
@@ -76,6 +87,14 @@ _STAT = "speedup/adaptive/"
 
 
 _IN_FLIGHT_KEY = "_speedup_adaptive_slot"
+# The reactor is full when its thread ran on the CPU this share of a window.
+_BUSY_CPU_SHARE = 0.9
+# While the reactor is full, the limit stays above this many times what
+# keeps it fed (responses per second x no-load latency): without a floor,
+# the gradient took a CPU-bound crawl down to 3 in flight and cost it 16%;
+# with 2x, to 5 and 9% (benchmarks/bench_concurrency.py, "slow machine").
+_BUSY_HEADROOM = 3.0
+_RATE_WINDOW_S = 1.0
 
 
 @dataclass
@@ -91,6 +110,10 @@ class _SlotState:
     threshold: float = math.inf
     lowest: int = 0
     highest: int = 0
+    # Responses per second over the last complete window.
+    rate: float = 0.0
+    rate_start: float = 0.0
+    rate_count: int = 0
 
 
 class AdaptiveConcurrencyMiddleware:
@@ -106,6 +129,9 @@ class AdaptiveConcurrencyMiddleware:
         self.overload_retry_times = config.adaptive_overload_retry_times
         self._states: dict[str, _SlotState] = {}
         self._bridge: Bridge | None = None
+        self._doctor: ReactorDoctor | None = None
+        self._load_seen: ReactorLoad | None = None
+        self._busy = ""
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -188,16 +214,54 @@ class AdaptiveConcurrencyMiddleware:
         else:
             state.recent_s += _RECENT_WEIGHT * (latency - state.recent_s)
         gradient = max(0.5, min(1.0, _TOLERANCE * state.no_load_s / state.recent_s))
-        if state.threshold is math.inf and gradient >= 1.0:
-            growth = state.limit  # slow start: double per round trip until a sign
-        elif state.limit < state.threshold:
-            growth = math.sqrt(state.limit)
+        self._count_response(state)
+        busy = self._reactor_busy()
+        if busy:
+            state.threshold = min(state.threshold, state.limit)  # slow start ends
+            fed = _BUSY_HEADROOM * state.rate * state.no_load_s
+            target = max(state.limit * gradient, min(state.limit, fed))
+            why = (f"{busy}: no growth, at least {_BUSY_HEADROOM:g} x {state.rate:.0f}"
+                   f" responses/s x {state.no_load_s * 1000:.0f} ms no-load latency")
         else:
-            growth = 1.0
-        target = state.limit * gradient + growth
+            if state.threshold is math.inf and gradient >= 1.0:
+                growth = state.limit  # slow start: double per round trip until a sign
+            elif state.limit < state.threshold:
+                growth = math.sqrt(state.limit)
+            else:
+                growth = 1.0
+            target = state.limit * gradient + growth
+            why = (f"latency {state.recent_s * 1000:.0f} ms, no-load"
+                   f" {state.no_load_s * 1000:.0f} ms, gradient {gradient:.2f}")
         limit = state.limit + (target - state.limit) / state.limit
-        self._set(key, slot, state, limit, f"latency {state.recent_s * 1000:.0f} ms,"
-                  f" no-load {state.no_load_s * 1000:.0f} ms, gradient {gradient:.2f}")
+        self._set(key, slot, state, limit, why)
+
+    @staticmethod
+    def _count_response(state: _SlotState) -> None:
+        now = time.monotonic()
+        state.rate_count += 1
+        if not state.rate_start:
+            state.rate_start = now
+        elif now - state.rate_start >= _RATE_WINDOW_S:
+            state.rate = state.rate_count / (now - state.rate_start)
+            state.rate_start, state.rate_count = now, 0
+
+    def _reactor_busy(self) -> str:
+        """Why the reactor is too busy for more concurrency, or ""."""
+        if self._doctor is None:
+            ext = self.crawler.get_extension(SpeedupExtension)
+            if ext is None or ext.doctor is None:
+                return ""  # SPEEDUP_DOCTOR_ENABLED = False: no local input
+            self._doctor = ext.doctor
+        load = self._doctor.load
+        if load is self._load_seen:
+            return self._busy
+        self._load_seen = load
+        self._busy = ""
+        if load.cpu_share >= _BUSY_CPU_SHARE or load.lag_max_s > self._doctor.warn_s:
+            self._busy = (f"reactor busy (CPU {load.cpu_share:.0%},"
+                          f" lag {load.lag_max_s * 1000:.0f} ms)")
+            self.stats.inc_value(_STAT + "reactor_busy_count")
+        return self._busy
 
     def _overload(self, key: str, slot: Slot | None, state: _SlotState, why: str) -> None:
         self.stats.inc_value(_STAT + "overload_count")

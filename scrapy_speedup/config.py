@@ -102,6 +102,8 @@ class SpeedupConfig:
     adaptive_max_concurrency: int
     adaptive_overload_retry_times: int
     adaptive_debug: bool
+    doctor_enabled: bool
+    lag_warn_ms: float
     shutdown_timeout_seconds: float
 
     @classmethod
@@ -156,6 +158,9 @@ class SpeedupConfig:
             )
         overload_retries = _get(settings, "SPEEDUP_ADAPTIVE_OVERLOAD_RETRY_TIMES", int, 10)
         _positive("SPEEDUP_ADAPTIVE_OVERLOAD_RETRY_TIMES", overload_retries, allow_zero=True)
+        # asyncio's debug mode calls a callback slow from 100 ms on.
+        lag_warn_ms = _get(settings, "SPEEDUP_LAG_WARN_MS", float, 100.0)
+        _positive("SPEEDUP_LAG_WARN_MS", lag_warn_ms)
         shutdown_timeout = _get(settings, "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0)
         _positive("SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", shutdown_timeout)
 
@@ -185,5 +190,7 @@ class SpeedupConfig:
             adaptive_max_concurrency=adaptive_max,
             adaptive_overload_retry_times=overload_retries,
             adaptive_debug=_get(settings, "SPEEDUP_ADAPTIVE_DEBUG", bool, False),
+            doctor_enabled=_get(settings, "SPEEDUP_DOCTOR_ENABLED", bool, True),
+            lag_warn_ms=lag_warn_ms,
             shutdown_timeout_seconds=shutdown_timeout,
         )

@@ -16,6 +16,7 @@ from scrapy_speedup._bridge import Bridge
 from scrapy_speedup._process_pool import ProcessPool
 from scrapy_speedup._thread_pool import ThreadPool
 from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.reactor_doctor import ReactorDoctor
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -41,7 +42,7 @@ def running_extensions() -> list[SpeedupExtension]:
 class SpeedupExtension:
     """Owns the process and thread pools of one crawler: starts them once the
     reactor runs, drains and shuts them down when the spider closes, logs and
-    counts.
+    counts. Runs the reactor doctor while the spider is open.
 
     Reach it from a component with ``SpeedupExtension.of(crawler)``.
     """
@@ -51,6 +52,9 @@ class SpeedupExtension:
         self.config = config
         self._pool: ProcessPool | None = None
         self._threads: ThreadPool | None = None
+        #: Measures reactor lag and names what blocks the reactor (None when
+        #: SPEEDUP_DOCTOR_ENABLED is False or before the spider opens).
+        self.doctor: ReactorDoctor | None = None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -119,6 +123,9 @@ class SpeedupExtension:
         from scrapy_speedup import __version__
 
         config = self.config
+        if config.doctor_enabled:
+            self.doctor = ReactorDoctor(self.crawler, config, Bridge())
+            self.doctor.start()
         # Workers and threads start on first use (process workers now, for
         # the pipelines that run in them, whose open_spider waits for them): a
         # crawl that never offloads, or whose calls are all cheap, pays nothing.
@@ -137,6 +144,10 @@ class SpeedupExtension:
                 f"; thread pool of {config.thread_workers} threads"
                 f" (timeout: {f'{timeout} s' if timeout else 'none'})"
             )
+        if self.doctor is not None:
+            pools += f"; reactor doctor warns of blocks over {config.lag_warn_ms:g} ms"
+            if self.doctor.no_sampling_reason:
+                pools += f" (cannot name what blocks: {self.doctor.no_sampling_reason})"
         logger.info(
             "scrapy-speedup %s (Scrapy %s, Twisted %s, Python %s) on the %s: %s",
             __version__,
@@ -150,6 +161,8 @@ class SpeedupExtension:
 
     async def spider_closed(self, spider: Spider, reason: str) -> None:
         _running.discard(self)
+        if self.doctor is not None:
+            self.doctor.stop()
         if self._pool is not None:
             await self._pool.close()
         if self._threads is not None:
@@ -158,6 +171,8 @@ class SpeedupExtension:
 
     def _log_summary(self) -> None:
         stats = self.crawler.stats
+        if self.doctor is not None:
+            self.doctor.log_summary()
         if self._threads is not None:
 
             def thread_count(name: str) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DemoSite, run_crawl, start_capacity_site
+from tests.conftest import CrawlResult, DemoSite, run_crawl, start_capacity_site
 
 pytestmark = pytest.mark.subprocess
 
@@ -80,3 +80,40 @@ def test_bounds_are_settings(site_of_6: DemoSite, tmp_path: Path) -> None:
     assert 2 <= result.stat(SLOT + "concurrency_min")
     assert result.stat(SLOT + "concurrency_max") <= 3
     assert result.stat("downloader/response_status_count/503") == 0
+
+
+@pytest.fixture
+def site_without_limit() -> Iterator[DemoSite]:
+    site = start_capacity_site(10_000, 50)
+    yield site
+    site.process.terminate()
+    site.process.wait(10)
+
+
+def crawl_on_a_slow_machine(tmp_path: Path, site: DemoSite, **settings) -> CrawlResult:
+    """Each page costs 10 ms of CPU in the callback: the crawl's own reactor,
+    not the site, is the bottleneck."""
+    result = run_crawl(tmp_path, spider="pages", settings={**ADAPTIVE, **settings},
+                       args={"site": site.url, "count": 400, "cpu_ms": 10})
+    assert result.returncode == 0, result.log
+    assert len(result.items) == 400
+    return result
+
+
+def test_stops_growing_while_the_reactor_is_busy(site_without_limit: DemoSite,
+                                                 tmp_path: Path) -> None:
+    result = crawl_on_a_slow_machine(tmp_path, site_without_limit)
+    # Windows of about a second in which the reactor was full: the limit
+    # held or came down (the debug log gives the reason of each change).
+    assert result.stat("speedup/adaptive/reactor_busy_count") >= 1, result.stats
+    # The site has no limit: what holds it well below the ceiling of 64 is
+    # local (the latency it measures includes waiting for the busy reactor).
+    assert result.stat(SLOT + "concurrency") < 32, result.stats
+
+
+def test_local_input_comes_from_the_doctor(site_without_limit: DemoSite,
+                                           tmp_path: Path) -> None:
+    result = crawl_on_a_slow_machine(tmp_path, site_without_limit,
+                                     SPEEDUP_DOCTOR_ENABLED=False)
+    assert "reactor busy" not in result.log
+    assert "speedup/adaptive/reactor_busy_count" not in result.stats

@@ -20,6 +20,8 @@ def test_defaults() -> None:
     assert c.process_timeout_seconds is None
     assert c.process_max_tasks_per_child is None
     assert c.process_pipelines == ()
+    assert c.doctor_enabled and c.lag_warn_ms == 100
+
 
 
 def test_values_from_command_line_strings() -> None:
@@ -47,6 +49,8 @@ def test_values_from_command_line_strings() -> None:
         ({"SPEEDUP_PROCESS_TIMEOUT_SECONDS": 0}, r"TIMEOUT_SECONDS \(0.0\) must be more than 0"),
         ({"SPEEDUP_PROCESS_START_METHOD": "fork"}, r"must be 'forkserver' or 'spawn'.*deadlock"),
         ({"SPEEDUP_PROCESS_PIPELINES": [1]}, r"import paths as strings, got 1"),
+        ({"SPEEDUP_LAG_WARN_MS": 0}, r"SPEEDUP_LAG_WARN_MS \(0.0\) must be more than 0"),
+        ({"SPEEDUP_LAG_WARN_MS": "soon"}, r"SPEEDUP_LAG_WARN_MS \('soon'\) must be a number"),
     ],
 )
 def test_bad_values_are_named(values: dict[str, object], message: str) -> None:

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from scrapy.crawler import Crawler
-    from scrapy.utils.asyncio import CallLaterResult
     from twisted.internet.defer import Deferred
+
+    from scrapy_speedup._bridge import Timer
 
 __all__ = [
     "BatchingPipeline",
@@ -113,7 +114,7 @@ class BatchingPipeline(ABC):
         self._pending: list[tuple[Row, asyncio.Future[Any] | Deferred[Any]]] = []
         self._oldest = 0.0  # when the oldest pending row arrived
         self._writing = False
-        self._timer: CallLaterResult | None = None
+        self._timer: Timer | None = None
         self._closing = False
         self._idle: asyncio.Future[Any] | Deferred[Any] | None = None
         self._bridge: Bridge | None = None

@@ -1,5 +1,5 @@
 BOT_NAME = "testproj"
-SPIDER_MODULES = ["testproj.spiders", "testproj.spiders_blocking"]
+SPIDER_MODULES = ["testproj.spiders", "testproj.spiders_blocking", "testproj.spiders_doctor"]
 ROBOTSTXT_OBEY = False
 LOG_LEVEL = "INFO"
 TELNETCONSOLE_ENABLED = False

@@ -7,6 +7,7 @@ from scrapy.utils.asyncio import sleep
 
 from scrapy_speedup import run_in_thread
 from testproj import blocking
+from testproj.spiders_doctor import burn_cpu
 
 
 class BlockingSpider(scrapy.Spider):
@@ -81,18 +82,22 @@ class DnsSpider(scrapy.Spider):
 
 
 class PagesSpider(scrapy.Spider):
-    """``/page/0`` .. ``/page/count-1`` of a capacity site, all at once."""
+    """``/page/0`` .. ``/page/count-1`` of a capacity site, all at once;
+    each page costs ``cpu_ms`` of CPU in the callback (a slow machine)."""
 
     name = "pages"
     custom_settings = {"ITEM_PIPELINES": {}}
 
-    def __init__(self, site, count="300", **kwargs):
+    def __init__(self, site, count="300", cpu_ms="0", **kwargs):
         super().__init__(**kwargs)
         self.site, self.count = site.rstrip("/"), int(count)
+        self.cpu_ms = float(cpu_ms)
 
     async def start(self):
         for i in range(self.count):
             yield scrapy.Request(f"{self.site}/page/{i}")
 
     def parse(self, response):
+        if self.cpu_ms:
+            burn_cpu(self.cpu_ms)
         yield {"url": response.url}

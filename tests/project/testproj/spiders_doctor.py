@@ -1,0 +1,77 @@
+"""Components that block the reactor, for the reactor doctor's tests.
+
+``blocker`` says which one blocks, for ``ms`` on every ``every``-th page:
+``parse`` (CPU work in the spider callback, in a helper function),
+``pipeline`` (SleepyPipeline sleeps in process_item), ``middleware``
+(HashingMiddleware hashes in process_response), ``none``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import scrapy
+
+
+def burn_cpu(ms: float) -> int:
+    """CPU work for *ms* milliseconds, in a helper as real parsing code is."""
+    deadline = time.thread_time() + ms / 1000
+    rounds = 0
+    while time.thread_time() < deadline:
+        hashlib.sha256(b"x" * 1024).digest()
+        rounds += 1
+    return rounds
+
+
+class DoctorSpider(scrapy.Spider):
+    name = "doctor"
+    custom_settings = {"ITEM_PIPELINES": {"testproj.spiders_doctor.SleepyPipeline": 300},
+                       "DOWNLOADER_MIDDLEWARES": {
+                           "testproj.spiders_doctor.HashingMiddleware": 543}}
+
+    def __init__(self, site, count="30", blocker="none", ms="150", every="10", **kwargs):
+        super().__init__(**kwargs)
+        self.site, self.count = site.rstrip("/"), int(count)
+        self.blocker, self.ms, self.every = blocker, float(ms), int(every)
+
+    def blocks(self, id: int, where: str) -> bool:
+        return self.blocker == where and id % self.every == 0
+
+    async def start(self):
+        for i in range(self.count):
+            yield scrapy.Request(f"{self.site}/product/{i}.html", cb_kwargs={"id": i})
+
+    def parse(self, response, id):
+        if self.blocks(id, "parse"):
+            burn_cpu(self.ms)
+        yield {"id": id, "url": response.url}
+
+
+class _Component:
+    def __init__(self, crawler):
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        return cls(crawler)
+
+
+class SleepyPipeline(_Component):
+    """A pipeline with a blocking call (what a synchronous database driver does)."""
+
+    def process_item(self, item):
+        spider = self.crawler.spider
+        if spider.blocks(item["id"], "pipeline"):
+            time.sleep(spider.ms / 1000)
+        return item
+
+
+class HashingMiddleware(_Component):
+    """A downloader middleware with CPU work (say, checking a page's hash)."""
+
+    def process_response(self, request, response):
+        spider = self.crawler.spider
+        if spider.blocks(request.cb_kwargs["id"], "middleware"):
+            burn_cpu(spider.ms)
+        return response

@@ -1,0 +1,108 @@
+"""The reactor doctor, in real crawls with components that block the reactor."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CrawlResult, DemoSite, run_crawl
+
+pytestmark = pytest.mark.subprocess
+
+FIRST_WARNING = re.compile(r"WARNING: (\S+) \(([a-z ]+)\) blocked the reactor for (\d+) ms"
+                           r" \(at (.+?); (\d+)% of it on the CPU\)")
+
+
+def crawl_blocking(tmp_path: Path, site: DemoSite, blocker: str, *, runtime: str = "asyncio",
+                   count: int = 50, every: int = 10, ms: int = 150,
+                   settings: dict | None = None) -> CrawlResult:
+    result = run_crawl(tmp_path, spider="doctor", runtime=runtime, settings=settings,
+                       args={"site": site.url, "blocker": blocker, "count": count,
+                             "every": every, "ms": ms})
+    assert result.returncode == 0, result.log
+    assert len(result.items) == count
+    return result
+
+
+def first_warnings(result: CrawlResult) -> list[tuple[str, ...]]:
+    return FIRST_WARNING.findall(result.log)
+
+
+def test_names_a_spider_callback_that_does_cpu_work(demo_site: DemoSite, runtime: str,
+                                                    tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "parse", runtime=runtime)
+    # One warning for the component, however often it blocks.
+    [(name, kind, ms, where, cpu)] = first_warnings(result)
+    assert (name, kind) == ("DoctorSpider.parse", "spider")
+    assert 100 < int(ms) < 1000
+    assert where.startswith("testproj/spiders_doctor.py:") and where.endswith("in burn_cpu")
+    assert int(cpu) >= 50
+    assert "`await run_in_process(func, ...)` or decorate it with @cpu_bound" in result.log
+    # Five pages block for 150 ms each; blocks that follow each other without
+    # the reactor turning in between count as one.
+    assert 1 <= result.stat("speedup/reactor/block_count") <= 5
+    assert 0.4 < result.stats["speedup/reactor/blocked_seconds"] < 1.5
+    assert result.stat("speedup/reactor/lag_max_ms") >= 100
+    summary = result.log[result.log.index("scrapy-speedup reactor doctor: the reactor"):]
+    assert re.search(r"\n  DoctorSpider\.parse\s+spider\s+\d+\s+[\d.]+\s+\d+\s+\d+%\s+process"
+                     r"\s+testproj/spiders_doctor\.py:\d+ in burn_cpu", summary), summary
+
+
+def test_names_a_pipeline_that_waits(demo_site: DemoSite, tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "pipeline")
+    [(name, kind, _, where, cpu)] = first_warnings(result)
+    assert (name, kind) == ("SleepyPipeline.process_item", "item pipeline")
+    assert where.startswith("testproj/spiders_doctor.py:") and where.endswith("process_item")
+    assert int(cpu) < 50  # it sleeps: a thread, not a process, is the fix
+    assert "`await run_in_thread(func, ...)` or decorate it with @blocking" in result.log
+    assert re.search(r"\n  SleepyPipeline\.process_item\s+item pipeline\s.*\sthread\s", result.log)
+
+
+def test_names_a_downloader_middleware(demo_site: DemoSite, tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "middleware")
+    [(name, kind, _, _, _)] = first_warnings(result)
+    assert (name, kind) == ("HashingMiddleware.process_response", "downloader middleware")
+
+
+def test_warns_again_with_a_running_count(demo_site: DemoSite, tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "parse", count=150, every=5, ms=120)
+    assert len(first_warnings(result)) == 1
+    assert re.search(r"DoctorSpider\.parse \(spider\) has now blocked the reactor 10 times"
+                     r" for longer than 100 ms, [\d.]+ s in all \(longest \d+ ms\)", result.log)
+
+
+def test_quiet_crawl_gets_no_warning(demo_site: DemoSite, tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "none")
+    # (A busy test machine may still block the reactor in Scrapy's own code.)
+    assert not re.search(r"reactor_doctor\] WARNING: (DoctorSpider|SleepyPipeline|Hashing)",
+                         result.log)
+    assert "scrapy-speedup reactor doctor:" in result.log  # the summary at close
+    assert "speedup/reactor/lag_max_ms" in result.stats
+
+
+def test_threshold_is_a_setting(demo_site: DemoSite, tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "parse",
+                            settings={"SPEEDUP_LAG_WARN_MS": 400})
+    assert not first_warnings(result)
+    assert "no block longer than 400 ms" in result.log
+    assert "speedup/reactor/block_count" not in result.stats
+
+
+def test_can_be_turned_off(demo_site: DemoSite, tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "parse",
+                            settings={"SPEEDUP_DOCTOR_ENABLED": False})
+    assert "reactor doctor" not in result.log
+    assert not [k for k in result.stats if k.startswith("speedup/reactor/")]
+
+
+def test_says_why_it_cannot_name_the_blocker_when_sigalrm_is_taken(
+        demo_site: DemoSite, tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "parse",
+                            settings={"EXTENSIONS": {"testproj.stats.ItemOutcomes": 0,
+                                                     "testproj.alarm.ProjectAlarm": 0}})
+    assert "cannot name what blocks: SIGALRM is in use by the project" in result.log
+    assert "Code outside the crawl's components (unknown: SIGALRM is in use by the project)"\
+        " blocked the reactor" in result.log
+    assert result.stat("speedup/reactor/block_count") >= 1
