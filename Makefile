@@ -42,6 +42,8 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_process.py
 	$(BIN)/python benchmarks/bench_thread.py
+	$(BIN)/python benchmarks/bench_concurrency.py
+	$(BIN)/python benchmarks/bench_doctor.py
 
 clean:
 	rm -rf $(VENV) docs/_build benchmarks/results *.egg-info

@@ -113,12 +113,16 @@ class _Blocker:
 class ReactorLoad:
     """The reactor's load over the last complete window (about a second)."""
 
+    #: The longest the reactor was blocked in the window, in seconds.
     lag_max_s: float
-    cpu_share: float  # of one core: the reactor runs on one thread
+    #: The share of the window the reactor thread ran on a CPU (0 to 1).
+    cpu_share: float
 
 
 class ReactorDoctor:
-    """Measures reactor lag and names what blocks the reactor; one per crawl."""
+    """Measures reactor lag and names what blocks the reactor; one per crawl,
+    reached as ``SpeedupExtension.of(crawler).doctor`` (``None`` when
+    ``SPEEDUP_DOCTOR_ENABLED`` is False)."""
 
     def __init__(self, crawler: Crawler, config: SpeedupConfig, bridge: Bridge) -> None:
         self.crawler = crawler
@@ -141,6 +145,7 @@ class ReactorDoctor:
         self._samples: list[tuple[float, _Component | None, _Where]] = []
         self._last_tick = self._last_cpu = 0.0
         self._window = (0.0, 0.0, 0.0)  # start, cpu at start, lag max
+        #: The reactor's load over the last complete window (about a second).
         self.load = ReactorLoad(0.0, 0.0)
         self.lag_max_s = 0.0
         self.blocked_s = 0.0
@@ -206,7 +211,11 @@ class ReactorDoctor:
     def _on_alarm(self, signum: int, frame: types.FrameType | None) -> None:
         if frame is None or self._stopping:
             return
-        component, where = self._attribute(frame)
+        try:
+            component, where = self._attribute(frame)
+        except Exception:  # never into the code it interrupted
+            logger.debug("reactor doctor: stack sample failed", exc_info=True)
+            return
         self._samples.append((self._due, component, where))
         # Sample again while the block lasts; a block long enough to fill
         # the list has been seen enough (and a reactor that stopped without
@@ -370,9 +379,11 @@ def _why_no_sampling() -> str:
         return "no setitimer on this platform"
     if threading.current_thread() is not threading.main_thread():
         return "the reactor does not run in the main thread, where signals go"
-    if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None) or any(
-        signal.getitimer(signal.ITIMER_REAL)
-    ):
+    handler = signal.getsignal(signal.SIGALRM)
+    if isinstance(getattr(handler, "__self__", None), ReactorDoctor):
+        return "another crawl's doctor in this process samples the reactor"
+    # None: a handler installed outside Python, by a C library.
+    if handler is not signal.SIG_DFL or any(signal.getitimer(signal.ITIMER_REAL)):
         return "SIGALRM is in use by the project"
     return ""
 
