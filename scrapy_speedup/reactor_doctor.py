@@ -129,7 +129,6 @@ class ReactorDoctor:
         self.stats = crawler.stats
         self.warn_s = config.lag_warn_ms / 1000
         self.interval_s = min(0.02, self.warn_s / 5)
-        self.process_pipelines = config.process_pipelines
         self._bridge = bridge
         self._components: dict[types.CodeType, _Component] = {}
         self._library_files: dict[str, bool] = {}

@@ -34,8 +34,17 @@ RUNTIMES: dict[str, dict[str, str]] = {
 
 @dataclass
 class DemoSite:
+    """A site server subprocess; ``with`` stops it."""
+
     url: str
     process: subprocess.Popen[str]
+
+    def __enter__(self) -> DemoSite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(10)
 
 
 def start_demo_site(products: int, latency_ms: float) -> DemoSite:

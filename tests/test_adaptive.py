@@ -23,10 +23,14 @@ SLOT = "speedup/adaptive/127.0.0.1/"
 @pytest.fixture
 def site_of_6() -> Iterator[DemoSite]:
     """Serves 6 requests at once (50 ms), queues 6 more, answers 503 beyond."""
-    site = start_capacity_site(6, 50)
-    yield site
-    site.process.terminate()
-    site.process.wait(10)
+    with start_capacity_site(6, 50) as site:
+        yield site
+
+
+@pytest.fixture
+def site_without_limit() -> Iterator[DemoSite]:
+    with start_capacity_site(10_000, 50) as site:
+        yield site
 
 
 def crawl_pages(tmp_path: Path, site: DemoSite, count: int, runtime: str = "asyncio",
@@ -52,24 +56,16 @@ def test_backs_off_to_the_capacity_of_the_site(site_of_6: DemoSite, runtime: str
     assert "slot 127.0.0.1: concurrency" in result.log  # SPEEDUP_ADAPTIVE_DEBUG
 
 
-def test_grows_to_the_ceiling_on_a_site_without_limit(tmp_path: Path) -> None:
-    site = start_capacity_site(10_000, 50)
-    try:
-        result = crawl_pages(tmp_path, site, 600)
-    finally:
-        site.process.terminate()
-        site.process.wait(10)
+def test_grows_to_the_ceiling_on_a_site_without_limit(site_without_limit: DemoSite,
+                                                       tmp_path: Path) -> None:
+    result = crawl_pages(tmp_path, site_without_limit, 600)
     assert result.stat(SLOT + "concurrency_max") == 64
     assert result.stat("downloader/response_status_count/503") == 0
 
 
 def test_follows_a_capacity_that_halves(tmp_path: Path) -> None:
-    site = start_capacity_site(12, 50, halve_after_s=1.5)
-    try:
+    with start_capacity_site(12, 50, halve_after_s=1.5) as site:
         result = crawl_pages(tmp_path, site, 800)
-    finally:
-        site.process.terminate()
-        site.process.wait(10)
     assert result.stat("downloader/response_status_count/503") <= 0.05 * 800, result.stats
     assert result.stat(SLOT + "concurrency") < result.stat(SLOT + "concurrency_max")
 
@@ -80,14 +76,6 @@ def test_bounds_are_settings(site_of_6: DemoSite, tmp_path: Path) -> None:
     assert 2 <= result.stat(SLOT + "concurrency_min")
     assert result.stat(SLOT + "concurrency_max") <= 3
     assert result.stat("downloader/response_status_count/503") == 0
-
-
-@pytest.fixture
-def site_without_limit() -> Iterator[DemoSite]:
-    site = start_capacity_site(10_000, 50)
-    yield site
-    site.process.terminate()
-    site.process.wait(10)
 
 
 def crawl_on_a_slow_machine(tmp_path: Path, site: DemoSite, **settings) -> CrawlResult:
