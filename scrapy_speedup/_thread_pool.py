@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -126,6 +127,11 @@ class ThreadPool:
 
     def _work(self) -> None:
         """A pool thread: run calls until told to stop."""
+        # The reactor doctor's SIGALRM is for the reactor thread: blocked
+        # here, the kernel never picks this thread for it, so a blocking call
+        # of a C library running here is never interrupted by it.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         while True:
             call = self._calls.get()
             if call is None:

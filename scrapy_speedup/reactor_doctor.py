@@ -174,14 +174,27 @@ class ReactorDoctor:
         if not self.no_sampling_reason:
             # Disarm first: SIGALRM's default action ends the process.
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._previous_handler or signal.SIG_DFL)
+            if signal.getsignal(signal.SIGALRM) == self._on_alarm:
+                signal.signal(signal.SIGALRM, self._previous_handler or signal.SIG_DFL)
             self.no_sampling_reason = "stopped"
 
     def _schedule(self, now: float) -> None:
         self._due = now + self.interval_s
         self._timer = self._bridge.call_later(self.interval_s, self._tick)
-        if not self.no_sampling_reason:
-            signal.setitimer(signal.ITIMER_REAL, self.interval_s + self.sample_after_s)
+        if self.no_sampling_reason:
+            return
+        if signal.getsignal(signal.SIGALRM) != self._on_alarm:
+            # The project took SIGALRM during the crawl: leave its handler and
+            # its timer (alarm() shares ours) alone from now on.
+            self.no_sampling_reason = "the project installed a SIGALRM handler during the crawl"
+            logger.info(
+                "scrapy-speedup reactor doctor: %s; blocks are still measured, but"
+                " what blocks can no longer be named",
+                self.no_sampling_reason,
+                extra={"crawler": self.crawler},
+            )
+            return
+        signal.setitimer(signal.ITIMER_REAL, self.interval_s + self.sample_after_s)
 
     def _tick(self) -> None:
         now, cpu = time.monotonic(), time.thread_time()

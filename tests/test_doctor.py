@@ -97,12 +97,25 @@ def test_can_be_turned_off(demo_site: DemoSite, tmp_path: Path) -> None:
     assert not [k for k in result.stats if k.startswith("speedup/reactor/")]
 
 
+PROJECT_ALARM = {"EXTENSIONS": {"testproj.stats.ItemOutcomes": 0,
+                                 "testproj.alarm.ProjectAlarm": 0}}
+
+
 def test_says_why_it_cannot_name_the_blocker_when_sigalrm_is_taken(
         demo_site: DemoSite, tmp_path: Path) -> None:
-    result = crawl_blocking(tmp_path, demo_site, "parse",
-                            settings={"EXTENSIONS": {"testproj.stats.ItemOutcomes": 0,
-                                                     "testproj.alarm.ProjectAlarm": 0}})
+    result = crawl_blocking(tmp_path, demo_site, "parse", settings=PROJECT_ALARM)
     assert "cannot name what blocks: SIGALRM is in use by the project" in result.log
     assert "Code outside the crawl's components (unknown: SIGALRM is in use by the project)"\
         " blocked the reactor" in result.log
     assert result.stat("speedup/reactor/block_count") >= 1
+    assert "the project's own alarm" not in result.log
+
+
+def test_leaves_sigalrm_to_a_project_that_takes_it_during_the_crawl(
+        demo_site: DemoSite, tmp_path: Path) -> None:
+    result = crawl_blocking(tmp_path, demo_site, "parse", count=100,
+                            settings={**PROJECT_ALARM, "TEST_ALARM_FROM": "first_item"})
+    assert "the project installed a SIGALRM handler during the crawl; blocks are still" \
+        " measured" in result.log
+    assert "the project's own alarm" not in result.log  # its handler never fired
+    assert result.stat("speedup/reactor/block_count") >= 5
