@@ -138,6 +138,7 @@ class ReactorDoctor:
         #: Why blocks cannot be attributed ("" when they can).
         self.no_sampling_reason = ""
         self._previous_handler: Any = None
+        self._alarm_at = 0.0  # when the alarm we armed fires (monotonic)
         # Written by the timer and the signal handler, both on the reactor
         # thread; a sample carries the due time of the tick it delayed.
         self._due = 0.0
@@ -184,20 +185,40 @@ class ReactorDoctor:
         if self.no_sampling_reason:
             return
         if signal.getsignal(signal.SIGALRM) != self._on_alarm:
-            # The project took SIGALRM during the crawl: leave its handler and
-            # its timer (alarm() shares ours) alone from now on.
-            self.no_sampling_reason = "the project installed a SIGALRM handler during the crawl"
-            logger.info(
-                "scrapy-speedup reactor doctor: %s; blocks are still measured, but"
-                " what blocks can no longer be named",
-                self.no_sampling_reason,
-                extra={"crawler": self.crawler},
-            )
+            self._yield_sigalrm(now)
             return
-        signal.setitimer(signal.ITIMER_REAL, self.interval_s + self.sample_after_s)
+        self._arm(self.interval_s + self.sample_after_s)
+
+    def _arm(self, delay: float) -> None:
+        self._alarm_at = time.monotonic() + delay
+        signal.setitimer(signal.ITIMER_REAL, delay)
+
+    def _yield_sigalrm(self, now: float) -> None:
+        """The project took SIGALRM during the crawl: leave its handler and
+        its timer alone from now on (``alarm()`` shares ours)."""
+        self.no_sampling_reason = "the project installed a SIGALRM handler during the crawl"
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        if remaining and abs(remaining - (self._alarm_at - now)) < 0.005:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # ours, still pending
+        logger.info(
+            "scrapy-speedup reactor doctor: %s; blocks are still measured, but what"
+            " blocks can no longer be named",
+            self.no_sampling_reason,
+            extra={"crawler": self.crawler},
+        )
 
     def _tick(self) -> None:
         now, cpu = time.monotonic(), time.thread_time()
+        try:
+            self._measure(now, cpu)
+        finally:
+            # Even if a signal handler of the project raised in the middle:
+            # the doctor keeps running.
+            self._last_tick, self._last_cpu = now, cpu
+            if not self._stopping:
+                self._schedule(now)
+
+    def _measure(self, now: float, cpu: float) -> None:
         lag = max(0.0, now - self._due)
         block_cpu = min(1.0, (cpu - self._last_cpu) / max(now - self._last_tick, 1e-9))
         samples, self._samples = self._samples, []
@@ -214,9 +235,6 @@ class ReactorDoctor:
             self._window = (now, cpu, 0.0)
         else:
             self._window = (start, start_cpu, window_lag)
-        self._last_tick, self._last_cpu = now, cpu
-        if not self._stopping:
-            self._schedule(now)
 
     # -- the sampler (reactor thread, in a signal handler) ---------------------
 
@@ -233,7 +251,7 @@ class ReactorDoctor:
         # the list has been seen enough (and a reactor that stopped without
         # closing the spider is not sampled forever).
         if len(self._samples) < _MAX_SAMPLES:
-            signal.setitimer(signal.ITIMER_REAL, self.interval_s)
+            self._arm(self.interval_s)
 
     def _attribute(self, frame: types.FrameType) -> tuple[_Component | None, _Where]:
         """The innermost component on the stack, and the innermost frame of

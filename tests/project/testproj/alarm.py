@@ -1,7 +1,7 @@
 """An extension that uses SIGALRM itself, as some projects do for timeouts:
-from the start (``TEST_ALARM_FROM = "start"``), or from the first item on
-(``"first_item"``). Its handler raises: if the reactor doctor ever fired it,
-the crawl's log would show "the project's own alarm"."""
+from the start, or once the item whose id is ``TEST_ALARM_AT_ITEM`` is
+scraped. Its handler raises: if the reactor doctor ever fired it, the crawl's
+log would show "the project's own alarm"."""
 
 from __future__ import annotations
 
@@ -16,17 +16,16 @@ def on_alarm(signum, frame):
 
 class ProjectAlarm:
     def __init__(self, crawler):
-        self.installed = False
-        if crawler.settings.get("TEST_ALARM_FROM", "start") == "start":
-            self.install()
+        self.at_item = crawler.settings.get("TEST_ALARM_AT_ITEM")
+        if self.at_item is None:
+            signal.signal(signal.SIGALRM, on_alarm)
         else:
-            crawler.signals.connect(self.install, signal=signals.item_scraped)
+            crawler.signals.connect(self.item_scraped, signal=signals.item_scraped)
 
     @classmethod
     def from_crawler(cls, crawler):
         return cls(crawler)
 
-    def install(self, *args, **kwargs):
-        if not self.installed:
+    def item_scraped(self, item):
+        if item["id"] == int(self.at_item):
             signal.signal(signal.SIGALRM, on_alarm)
-            self.installed = True

@@ -3,7 +3,9 @@
 ``blocker`` says which one blocks, for ``ms`` on every ``every``-th page:
 ``parse`` (CPU work in the spider callback, in a helper function),
 ``pipeline`` (SleepyPipeline sleeps in process_item), ``middleware``
-(HashingMiddleware hashes in process_response), ``none``.
+(HashingMiddleware hashes in process_response), ``spidermw``
+(CheckingSpiderMiddleware in process_spider_output), ``extension``
+(a signal handler of TallyExtension), ``none``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import time
 
 import scrapy
+from scrapy import signals
 
 
 def burn_cpu(ms: float) -> int:
@@ -26,9 +29,13 @@ def burn_cpu(ms: float) -> int:
 
 class DoctorSpider(scrapy.Spider):
     name = "doctor"
-    custom_settings = {"ITEM_PIPELINES": {"testproj.spiders_doctor.SleepyPipeline": 300},
-                       "DOWNLOADER_MIDDLEWARES": {
-                           "testproj.spiders_doctor.HashingMiddleware": 543}}
+    custom_settings = {
+        "ITEM_PIPELINES": {"testproj.spiders_doctor.SleepyPipeline": 300},
+        "DOWNLOADER_MIDDLEWARES": {"testproj.spiders_doctor.HashingMiddleware": 543},
+        "SPIDER_MIDDLEWARES": {"testproj.spiders_doctor.CheckingSpiderMiddleware": 543},
+        "EXTENSIONS": {"testproj.stats.ItemOutcomes": 0,
+                       "testproj.spiders_doctor.TallyExtension": 0},
+    }
 
     def __init__(self, site, count="30", blocker="none", ms="150", every="10", **kwargs):
         super().__init__(**kwargs)
@@ -75,3 +82,26 @@ class HashingMiddleware(_Component):
         if spider.blocks(request.cb_kwargs["id"], "middleware"):
             burn_cpu(spider.ms)
         return response
+
+
+class CheckingSpiderMiddleware(_Component):
+    """A spider middleware that checks every item (CPU work)."""
+
+    async def process_spider_output(self, response, result):
+        async for item_or_request in result:
+            if isinstance(item_or_request, dict) and self.crawler.spider.blocks(
+                    item_or_request["id"], "spidermw"):
+                burn_cpu(self.crawler.spider.ms)
+            yield item_or_request
+
+
+class TallyExtension(_Component):
+    """An extension whose signal handler does CPU work."""
+
+    def __init__(self, crawler):
+        super().__init__(crawler)
+        crawler.signals.connect(self.item_scraped, signal=signals.item_scraped)
+
+    def item_scraped(self, item):
+        if self.crawler.spider.blocks(item["id"], "extension"):
+            burn_cpu(self.crawler.spider.ms)
