@@ -38,6 +38,7 @@ what blocked, and says so.
 
 from __future__ import annotations
 
+import _signal
 import logging
 import os
 import signal
@@ -184,7 +185,9 @@ class ReactorDoctor:
         self._timer = self._bridge.call_later(self.interval_s, self._tick)
         if self.no_sampling_reason:
             return
-        if signal.getsignal(signal.SIGALRM) != self._on_alarm:
+        # _signal's getsignal: signal's wraps it in an enum conversion that
+        # cost 50 us here, on every tick.
+        if _signal.getsignal(signal.SIGALRM) != self._on_alarm:
             self._yield_sigalrm(now)
             return
         self._arm(self.interval_s + self.sample_after_s)
