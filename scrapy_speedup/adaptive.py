@@ -92,7 +92,8 @@ _BUSY_CPU_SHARE = 0.9
 # While the reactor is full, the limit stays above this many times what
 # keeps it fed (responses per second x no-load latency): without a floor,
 # the gradient took a CPU-bound crawl down to 3 in flight and cost it 16%;
-# with 2x, to 5 and 9% (benchmarks/bench_concurrency.py, "slow machine").
+# a run with 2x ended at 5 and 0.91x a fixed 64, three rounds with 3x at
+# 6-11 and 1.08x (benchmarks/bench_concurrency.py, "slow machine").
 _BUSY_HEADROOM = 3.0
 _RATE_WINDOW_S = 1.0
 
