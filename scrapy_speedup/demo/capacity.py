@@ -18,7 +18,9 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
+
+from scrapy_speedup.demo.site import serve
 
 __all__ = ["CapacityResource", "main"]
 
@@ -78,11 +80,6 @@ class CapacityResource(Resource):
                 self._serve(waiting)
 
 
-class _QuietSite(Site):
-    def log(self, request: Any) -> None:
-        """No access log."""
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--capacity", type=int, default=6)
@@ -90,12 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--halve-after-s", type=float, default=None)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    resource = CapacityResource(args.capacity, args.latency_ms / 1000, args.halve_after_s)
-    site = _QuietSite(resource)
-    site.noisy = False
-    port = reactor.listenTCP(args.port, site, backlog=1024, interface="127.0.0.1")
-    print(f"listening on http://127.0.0.1:{port.getHost().port}", flush=True)
-    reactor.run()
+    serve(CapacityResource(args.capacity, args.latency_ms / 1000, args.halve_after_s), args.port)
 
 
 if __name__ == "__main__":

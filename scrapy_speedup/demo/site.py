@@ -23,7 +23,7 @@ from scrapy_speedup.demo.catalogue import index_page, product_page
 if TYPE_CHECKING:
     from twisted.web.server import Request
 
-__all__ = ["CatalogueResource", "main"]
+__all__ = ["CatalogueResource", "main", "serve"]
 
 # The installed reactor, whose interface the stubs cannot know.
 reactor: Any = _reactor
@@ -84,6 +84,16 @@ class _QuietSite(Site):
         """No access log: the benchmarks make thousands of requests."""
 
 
+def serve(resource: Resource, port: int) -> None:
+    """Serve *resource* on 127.0.0.1:*port* (0: a free port) until killed;
+    prints ``listening on http://127.0.0.1:PORT`` first, for whoever started it."""
+    site = _QuietSite(resource)
+    site.noisy = False
+    listening = reactor.listenTCP(port, site, backlog=1024, interface="127.0.0.1")
+    print(f"listening on http://127.0.0.1:{listening.getHost().port}", flush=True)
+    reactor.run()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--products", type=int, default=2000)
@@ -91,11 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-latency-ms", type=float, default=50.0)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args(argv)
-    site = _QuietSite(
-        CatalogueResource(args.products, args.latency_ms / 1000, args.api_latency_ms / 1000)
+    serve(
+        CatalogueResource(args.products, args.latency_ms / 1000, args.api_latency_ms / 1000),
+        args.port,
     )
-    site.noisy = False
-    port = reactor.listenTCP(args.port, site, backlog=1024, interface="127.0.0.1")
-    print(f"listening on http://127.0.0.1:{port.getHost().port}", flush=True)
-    reactor.run()
     sys.exit(0)
