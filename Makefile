@@ -21,9 +21,10 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py
 
-## make test: lint, type check, docs build, then the whole test suite
+## make test: lint, type check, docs build, then the whole test suite (two at a
+## time: most tests wait on real crawls and servers, not on the CPU)
 test: system-deps lint docs
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 system-deps:
 ifeq ($(POSTGRES_INITDB),)

@@ -50,26 +50,31 @@ def fixed(n: int) -> dict[str, Any]:
 
 def crawl(label: str, site: CapacitySite, settings: dict[str, Any], pages: int,
           *, cpu_ms: float = 0, timeline: bool = False) -> dict[str, Any]:
+    # The adaptive limit is sampled by the timeline (the stats keep only the
+    # lowest and highest limits, over all slots): its last sample is the
+    # limit at the end.
+    adaptive = bool(settings.get("SPEEDUP_ADAPTIVE_CONCURRENCY_ENABLED"))
     with tempfile.TemporaryDirectory() as tmp:
         extra: dict[str, Any] = {}
-        if timeline:
+        if timeline or adaptive:
             extra = {"EXTENSIONS": {"timeline.Timeline": 0},
                      "BENCH_TIMELINE_FILE": str(Path(tmp, "timeline.json"))}
         run: CrawlRun = run_crawl(
             label, site.url, {"ADDONS": {"scrapy_speedup.Addon": 500}, **settings, **extra},
             {"count": pages, "cpu_ms": cpu_ms}, spider="pages")
-        events = json.loads(Path(tmp, "timeline.json").read_text()) if timeline else None
+        events = json.loads(Path(tmp, "timeline.json").read_text()) if extra else None
     responses = int(run.stats.get("downloader/response_count", 0))
     rejected = int(run.stats.get("downloader/response_status_count/503", 0))
     row: dict[str, Any] = {
         "label": label, "pages_per_s": round(run.items / run.crawl_s, 1), "pages": run.items,
         "lost": pages - run.items,
         "rejected_share": round(rejected / responses, 4) if responses else 0.0,
-        "concurrency_max": run.stats.get("speedup/adaptive/127.0.0.1/concurrency_max"),
-        "concurrency_end": run.stats.get("speedup/adaptive/127.0.0.1/concurrency"),
+        "concurrency_max": run.stats.get("speedup/adaptive/concurrency_max"),
+        "concurrency_end": (events["samples"][-1][1]
+                            if adaptive and events and events["samples"] else None),
         "lag_max_ms": run.stats.get("speedup/reactor/lag_max_ms"),
     }
-    if events is not None:
+    if timeline and events is not None:
         row["timeline"] = events
         row.update(after_halving(events))
     limit = f"  limit max {row['concurrency_max']}" if row["concurrency_max"] else ""

@@ -99,6 +99,10 @@ class CrawlRun:
     cpu_s: float
     stats: dict[str, Any]
     item_rows: list[dict[str, Any]] = field(repr=False)
+    #: Peak resident memory of the crawl's own process (RSS, every 0.1 s), and
+    #: of its whole process tree, workers included (PSS, every 0.5 s), in MiB.
+    rss_max_mb: float = 0.0
+    tree_pss_max_mb: float = 0.0
 
     @property
     def pages_per_s(self) -> float:
@@ -125,21 +129,34 @@ class CrawlRun:
             "crawl_s": round(self.crawl_s, 3),
             "crawl_pages_per_s": round(self.crawl_pages_per_s, 1),
             "cpu_s": round(self.cpu_s, 2), "cores_busy": round(self.cores_busy, 2),
+            "rss_max_mb": round(self.rss_max_mb, 1),
+            "tree_pss_max_mb": round(self.tree_pss_max_mb, 1),
             "speedup_stats": {k: v for k, v in self.stats.items() if k.startswith("speedup/")},
         }
 
 
-def _tree_cpu(root: psutil.Process, seen: dict[int, float]) -> None:
+def _tree_cpu(root: psutil.Process, seen: dict[int, float],
+              tree_memory: bool) -> tuple[float, float]:
+    """Record each process's CPU time in *seen*; return the resident memory
+    (MiB) of *root*, and with *tree_memory* the proportional set size of its
+    whole tree (PSS: pages shared with the fork server and between workers
+    count once, not once per process; reading it is slower, so not always)."""
     try:
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
+        return 0.0, 0.0
+    root_rss = tree_rss = 0.0
     for process in processes:
         try:
             times = process.cpu_times()
+            if process.pid == root.pid:
+                root_rss = process.memory_info().rss / 2**20
+            if tree_memory:
+                tree_rss += process.memory_full_info().pss / 2**20
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         seen[process.pid] = times.user + times.system
+    return root_rss, tree_rss
 
 
 def run_crawl(label: str, site: str, settings: dict[str, Any] | None = None,
@@ -156,8 +173,9 @@ def run_crawl(label: str, site: str, settings: dict[str, Any] | None = None,
             cmd += ["-s", f"{key}={text}"]
         for key, value in (args or {}).items():
             cmd += ["-a", f"{key}={value}"]
-        env = {**os.environ,
-               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(PROJECT)])}
+        # The repository first: the code measured is this checkout's.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), str(Path(__file__).parent), str(PROJECT)])}
         cpu: dict[int, float] = {}
         started = time.perf_counter()
         # A file, not a pipe: a crawl that logs more than a pipe holds would
@@ -166,8 +184,12 @@ def run_crawl(label: str, site: str, settings: dict[str, Any] | None = None,
         process = subprocess.Popen(cmd, cwd=PROJECT, env=env, stderr=log, text=True)
         root = psutil.Process(process.pid)
         deadline = time.monotonic() + timeout_s
+        rss_max = tree_pss_max = 0.0
+        samples = 0
         while process.poll() is None:
-            _tree_cpu(root, cpu)
+            samples += 1
+            rss, tree_rss = _tree_cpu(root, cpu, tree_memory=samples % 5 == 0)
+            rss_max, tree_pss_max = max(rss_max, rss), max(tree_pss_max, tree_rss)
             if time.monotonic() > deadline:
                 process.kill()
                 raise RuntimeError(f"{label}: crawl ran past {timeout_s} s")
@@ -182,7 +204,7 @@ def run_crawl(label: str, site: str, settings: dict[str, Any] | None = None,
         rows = [json.loads(line) for line in items_file.read_text().splitlines()]
     return CrawlRun(label, int(stats.get("response_received_count", 0)),
                     int(stats.get("item_scraped_count", 0)), wall, sum(cpu.values()),
-                    stats, rows)
+                    stats, rows, rss_max, tree_pss_max)
 
 
 def compare_items(a: CrawlRun, b: CrawlRun, ignore: tuple[str, ...] = ()) -> bool:

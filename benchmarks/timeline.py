@@ -2,8 +2,9 @@
 
 Every download as it comes off the wire (``response_downloaded``: before the
 downloader middlewares, so the 503s that the adaptive middleware retries are
-seen too), as ``[seconds, status]``, and every 0.1 s the adaptive limit of
-the slot ``BENCH_TIMELINE_SLOT`` and the number of its requests in flight.
+seen too), as ``[seconds, status]``, and every 0.1 s the concurrency of the
+slot ``BENCH_TIMELINE_SLOT`` (the adaptive limit, when adaptive concurrency is
+on) and the number of its requests in flight.
 Time 0 is when the first request reached the downloader, which is when the
 capacity server starts its clock for ``--halve-after-s``.
 """
@@ -51,8 +52,9 @@ class Timeline:
     def sample(self):
         if self.t0 is None:
             return
-        limit = self.crawler.stats.get_value(f"speedup/adaptive/{self.slot}/concurrency")
+        # The middleware sets the slot's concurrency: that is the adaptive limit.
         slot = self.crawler.engine.downloader.slots.get(self.slot)
+        limit = slot.concurrency if slot else None
         in_flight = len(slot.transferring) if slot else 0
         self.samples.append((self.now(), limit, in_flight))
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from scrapy_speedup.adaptive import AdaptiveConcurrencyMiddleware
 from scrapy_speedup.addon import Addon
-from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
+from scrapy_speedup.config import SpeedupConfig
 from scrapy_speedup.exceptions import (
+    DatabaseError,
     OffloadError,
     PoolClosedError,
+    SpeedupSettingsError,
     TaskTimeoutError,
+    ThreadPoolExhaustedError,
     UnpicklableError,
     WorkerCrashedError,
     WorkerInitError,
@@ -31,12 +34,14 @@ __all__ = [
     "AdaptiveConcurrencyMiddleware",
     "Addon",
     "CpuBoundFunction",
+    "DatabaseError",
     "OffloadError",
     "PoolClosedError",
     "SpeedupConfig",
     "SpeedupExtension",
     "SpeedupSettingsError",
     "TaskTimeoutError",
+    "ThreadPoolExhaustedError",
     "UnpicklableError",
     "WorkerCrashedError",
     "WorkerInitError",

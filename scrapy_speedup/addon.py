@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from typing import TYPE_CHECKING
 
+from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.misc import load_object
 
-from scrapy_speedup._process_pool import warm_up_fork_server
-from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
+from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.exceptions import SpeedupSettingsError
 from scrapy_speedup.extension import SpeedupExtension
-from scrapy_speedup.pipelines import process_pipeline_class
+from scrapy_speedup.process.pipeline import process_pipeline_class
+from scrapy_speedup.process.pool import warm_up_fork_server
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
 
 __all__ = ["Addon"]
+
+logger = logging.getLogger(__name__)
 
 
 class Addon:
@@ -41,6 +46,7 @@ class Addon:
         if not config.enabled:
             return
         settings.set_in_component_priority_dict("EXTENSIONS", SpeedupExtension, 0)
+        self._hold_slot_limits(settings)
         if config.adaptive_enabled:
             from scrapy_speedup.adaptive import AdaptiveConcurrencyMiddleware
 
@@ -49,6 +55,12 @@ class Addon:
             settings.set_in_component_priority_dict(
                 "DOWNLOADER_MIDDLEWARES", AdaptiveConcurrencyMiddleware, 580
             )
+        if config.process_enabled:
+            from scrapy_speedup.process.backpressure import StartBackpressure
+
+            # Outermost (closest to the engine): it paces what start() yields
+            # after every other middleware has seen it.
+            settings.set_in_component_priority_dict("SPIDER_MIDDLEWARES", StartBackpressure, 0)
         if config.process_enabled and config.process_pipelines:
             self._offload_pipelines(settings, config.process_pipelines)
             # The earliest hook there is: the fork server imports Scrapy while
@@ -56,6 +68,37 @@ class Addon:
             # Only when process work is certain: it costs ~0.4 s of CPU, which
             # a crawl that never offloads should not pay.
             warm_up_fork_server(config)
+
+    @staticmethod
+    def _hold_slot_limits(settings: BaseSettings) -> None:
+        """Use a downloader that holds each slot's concurrency under asyncio
+        (the user's DOWNLOAD_SLOTS and CONCURRENT_REQUESTS_PER_* limits, and
+        the adaptive limit): see scrapy_speedup/downloader.py."""
+        from scrapy_speedup.downloader import SpeedupDownloader, downloader_with_slot_limits
+
+        current = settings.get("DOWNLOADER")
+        try:
+            cls = load_object(current)
+        except (ImportError, NameError, ValueError, AttributeError):
+            return  # Scrapy says what is wrong with it when it builds the engine
+        fixed = downloader_with_slot_limits(cls)
+        if fixed is None:
+            logger.warning(
+                "DOWNLOADER (%s) is not a subclass of Scrapy's Downloader, or has its own"
+                " _process_queue: scrapy-speedup leaves it as it is, and under the asyncio"
+                " reactor a download slot may then have more requests in flight than its"
+                " concurrency (DOWNLOAD_SLOTS, CONCURRENT_REQUESTS_PER_DOMAIN/_PER_IP, the"
+                " adaptive limit). Subclass scrapy_speedup.downloader.SpeedupDownloader to"
+                " hold them.", current,
+            )
+            return
+        if fixed is not cls:
+            value: object = fixed
+            if fixed is SpeedupDownloader:
+                value = "scrapy_speedup.downloader.SpeedupDownloader"
+            # At the priority of the project's own value, which "addon" is below.
+            priority = max(settings.getpriority("DOWNLOADER") or 0, SETTINGS_PRIORITIES["addon"])
+            settings.set("DOWNLOADER", value, priority=priority)
 
     @staticmethod
     def _offload_pipelines(settings: BaseSettings, paths: tuple[str, ...]) -> None:

@@ -1,16 +1,28 @@
-"""Settings of scrapy-speedup, parsed and validated once per crawler."""
+"""Settings of scrapy-speedup, parsed and validated once per crawler.
+
+Every ``SPEEDUP_*`` setting is read here and nowhere else: components take
+the :class:`SpeedupConfig` of their crawler from :meth:`SpeedupConfig.of`.
+A bad value raises :exc:`SpeedupSettingsError` naming the setting, the value
+and what it must be, whatever its type (a command-line string, a list, NaN).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
+import re
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from scrapy_speedup.exceptions import SpeedupSettingsError
 
 if TYPE_CHECKING:
     from typing import Self
 
+    from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
 
 __all__ = ["SpeedupConfig", "SpeedupSettingsError", "default_start_method"]
@@ -21,13 +33,16 @@ __all__ = ["SpeedupConfig", "SpeedupSettingsError", "default_start_method"]
 #: a function is cheaper inline; above, the pool wins (docs/benchmarks.rst).
 DEFAULT_INLINE_BELOW_MS = 0.5
 
-
-class SpeedupSettingsError(ValueError):
-    """A ``SPEEDUP_*`` setting has a value that scrapy-speedup cannot use.
-
-    Raised while the crawler is built, so that a crawl never runs without the
-    speedup its settings ask for.
-    """
+_START_METHODS = ("forkserver", "spawn")
+# A table name, optionally with its schema: letters, digits and _.
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+_NOT_GIVEN = object()
+# The longest any *_SECONDS or *_MS setting may be: a week (a longer wait
+# is no wait at all, and Python's timeouts overflow far past it).
+_MAX_SECONDS = 7 * 24 * 3600.0
+# More workers than this is a typo (each is a process with its own memory).
+_MAX_WORKERS = 1024
+_MAX_THREADS = 10_000
 
 
 def default_start_method() -> str:
@@ -37,43 +52,174 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def _get(settings: BaseSettings, name: str, kind: type, default: Any) -> Any:
+def _raw(settings: BaseSettings, name: str) -> Any:
+    """The value, or _NOT_GIVEN when unset or empty (``-s NAME=``)."""
     value = settings.get(name)
-    if value is None or value == "":
-        return default
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return _NOT_GIVEN
+    return value
+
+
+def _error(name: str, value: Any, must: str) -> SpeedupSettingsError:
+    return SpeedupSettingsError(f"{name} ({value!r}) must be {must}")
+
+
+def _number(name: str, value: Any, kind: str) -> float:
+    """*value* as a finite number; strings are parsed; bools, lists, NaN and
+    infinities are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _error(name, value, kind)
     try:
-        if kind is bool:
-            return settings.getbool(name)
-        if isinstance(value, bool):  # bool is an int: True workers is a typo
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise SpeedupSettingsError(
-            f"{name} ({value!r}) must be {_KIND_NAMES[kind]}"
-        ) from None
+        number = float(value) if not isinstance(value, int) else value
+    except (ValueError, OverflowError):
+        raise _error(name, value, kind) from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise _error(name, value, f"{kind}, and finite")
+    return number
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "True or False"}
-
-
-def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        floor = "0 or more" if allow_zero else "more than 0"
-        raise SpeedupSettingsError(f"{name} ({value!r}) must be {floor}")
-
-
-def _get_list(settings: BaseSettings, name: str) -> list[Any]:
-    """Like ``getlist``, and a JSON list from the command line works too."""
-    value = settings.get(name)
-    if isinstance(value, str) and value.strip().startswith("["):
+def _int(
+    settings: BaseSettings, name: str, default: int | None, *, minimum: int,
+    maximum: int | None = None,
+) -> int | None:
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
+        return default
+    number = _number(name, value, "an integer")
+    if isinstance(value, str):
         try:
-            parsed = json.loads(value)
+            number = int(value.strip())
         except ValueError:
-            raise SpeedupSettingsError(f"{name} ({value!r}) is not a valid JSON list") from None
-        return list(parsed)
-    return settings.getlist(name)
+            raise _error(name, value, "an integer") from None
+    elif isinstance(number, float):
+        if not number.is_integer():
+            raise _error(name, value, "an integer")  # 1.9 workers is not 1
+        number = int(number)
+    if number < minimum:
+        raise _error(name, value, f"{minimum} or more")
+    if maximum is not None and number > maximum:
+        raise _error(name, value, f"at most {maximum}")
+    return int(number)
+
+
+def _float(
+    settings: BaseSettings, name: str, default: float | None, *, allow_zero: bool = False,
+    minimum: float = 0.0, maximum: float = _MAX_SECONDS,
+) -> float | None:
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
+        return default
+    number = float(_number(name, value, "a number"))
+    if number < minimum or (number == 0 and not allow_zero):
+        if minimum:
+            raise _error(name, value, f"at least {minimum:g}")
+        raise _error(name, value, "0 or more" if allow_zero else "more than 0")
+    if number > maximum:
+        raise _error(name, value, f"at most {maximum:g}")
+    return number
+
+
+def _bool(settings: BaseSettings, name: str, default: bool) -> bool:
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise _error(name, value, "True or False")
+
+
+def _str(settings: BaseSettings, name: str, default: str | None) -> str | None:
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
+        return default
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise _error(name, value, "a string")
+    return value
+
+
+def _table(settings: BaseSettings, name: str) -> str:
+    table = _str(settings, name, "items")
+    assert table is not None
+    if not _TABLE.match(table):
+        raise _error(
+            name, table,
+            "a plain table name, optionally with its schema (schema.table): letters,"
+            " digits and _, not starting with a digit",
+        )
+    return table
+
+
+def _str_list(settings: BaseSettings, name: str) -> tuple[str, ...]:
+    """Like ``getlist`` (comma-separated), and a JSON list from the command line."""
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise _error(name, value, "a list; this is not valid JSON") from None
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise _error(name, value, "a list of import paths")
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise SpeedupSettingsError(
+                f"{name} must list import paths as strings, got {item!r}"
+            )
+    paths = tuple(item.strip() for item in value)
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise SpeedupSettingsError(f"{name} lists {', '.join(repeated)} more than once")
+    return paths
+
+
+def _start_method(settings: BaseSettings) -> str:
+    name = "SPEEDUP_PROCESS_START_METHOD"
+    value = _str(settings, name, default_start_method())
+    assert value is not None
+    method = value.strip().lower()
+    if method == "fork":
+        raise _error(
+            name, value,
+            "'forkserver' or 'spawn': 'fork' copies the crawl's threads' locks into"
+            " the workers and can deadlock them",
+        )
+    if method not in _START_METHODS:
+        raise _error(name, value, "'forkserver' or 'spawn'")
+    if method not in multiprocessing.get_all_start_methods():
+        raise SpeedupSettingsError(
+            f"{name} ({value!r}) is not available on this platform; available:"
+            f" {multiprocessing.get_all_start_methods()}"
+        )
+    return method
+
+
+def _per_slot_default(settings: BaseSettings) -> int:
+    """The default ceiling of adaptive concurrency: Scrapy's own per-slot
+    limit. Scrapy's settings are Scrapy's to validate: a value it takes (0
+    per domain with a per-IP limit) must not stop the crawl here."""
+    for name in ("CONCURRENT_REQUESTS_PER_DOMAIN", "CONCURRENT_REQUESTS_PER_IP"):
+        try:
+            value = int(settings.get(name) or 0)
+        except (TypeError, ValueError):
+            continue
+        if value > 0:
+            return value
+    return 8
+
+
+# One parse per crawler; see SpeedupConfig.of.
+_of_crawler: weakref.WeakKeyDictionary[Crawler, SpeedupConfig] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -93,10 +239,12 @@ class SpeedupConfig:
     process_timeout_seconds: float | None
     process_max_tasks_per_child: int | None
     process_inline_below_ms: float
+    process_max_message_mb: float
     process_pipelines: tuple[str, ...]
     thread_enabled: bool
     thread_workers: int
     thread_timeout_seconds: float | None
+    thread_max_stuck: int
     adaptive_enabled: bool
     adaptive_min_concurrency: int
     adaptive_max_concurrency: int
@@ -105,92 +253,95 @@ class SpeedupConfig:
     doctor_enabled: bool
     lag_warn_ms: float
     shutdown_timeout_seconds: float
+    sqlite_path: str | None
+    sqlite_table: str
+    postgres_dsn: str | None
+    postgres_table: str
+    db_batch_size: int
+    db_commit_interval_seconds: float
+    db_timeout_seconds: float
+    db_retry_times: int
+
+    @classmethod
+    def of(cls, crawler: Crawler) -> Self:
+        """The config of *crawler*, parsed from its settings on first use."""
+        config = _of_crawler.get(crawler)
+        if config is None:
+            config = _of_crawler[crawler] = cls.from_settings(crawler.settings)
+        return config  # type: ignore[return-value]
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> Self:
-        workers = _get(settings, "SPEEDUP_PROCESS_WORKERS", int, os.cpu_count() or 1)
-        _positive("SPEEDUP_PROCESS_WORKERS", workers)
-        start_method = str(
-            settings.get("SPEEDUP_PROCESS_START_METHOD") or default_start_method()
-        )
-        if start_method not in ("forkserver", "spawn"):
-            raise SpeedupSettingsError(
-                f"SPEEDUP_PROCESS_START_METHOD ({start_method!r}) must be"
-                " 'forkserver' or 'spawn': 'fork' copies the crawl's threads'"
-                " locks into the workers and can deadlock them"
-            )
-        if start_method not in multiprocessing.get_all_start_methods():
-            raise SpeedupSettingsError(
-                f"SPEEDUP_PROCESS_START_METHOD ({start_method!r}) is not available"
-                f" on this platform; available: {multiprocessing.get_all_start_methods()}"
-            )
+        workers = _int(settings, "SPEEDUP_PROCESS_WORKERS", os.cpu_count() or 1, minimum=1,
+                       maximum=_MAX_WORKERS)
+        assert workers is not None
         # Four tasks per worker: one running, three waiting in its socket, so
         # that it never idles while the reactor is busy with a stretch of
         # callbacks; more only delays the queue (docs/benchmarks.rst).
-        max_in_flight = _get(settings, "SPEEDUP_PROCESS_MAX_IN_FLIGHT", int, 4 * workers)
-        _positive("SPEEDUP_PROCESS_MAX_IN_FLIGHT", max_in_flight)
-        retry_times = _get(settings, "SPEEDUP_PROCESS_RETRY_TIMES", int, 1)
-        _positive("SPEEDUP_PROCESS_RETRY_TIMES", retry_times, allow_zero=True)
-        timeout = _get(settings, "SPEEDUP_PROCESS_TIMEOUT_SECONDS", float, None)
-        _positive("SPEEDUP_PROCESS_TIMEOUT_SECONDS", timeout)
-        max_tasks = _get(settings, "SPEEDUP_PROCESS_MAX_TASKS_PER_CHILD", int, None)
-        _positive("SPEEDUP_PROCESS_MAX_TASKS_PER_CHILD", max_tasks)
-        inline_below = _get(
-            settings, "SPEEDUP_PROCESS_INLINE_BELOW_MS", float, DEFAULT_INLINE_BELOW_MS
+        max_in_flight = _int(settings, "SPEEDUP_PROCESS_MAX_IN_FLIGHT", 4 * workers, minimum=1)
+        thread_workers = _int(settings, "SPEEDUP_THREAD_WORKERS", 32, minimum=1,
+                              maximum=_MAX_THREADS)
+        assert thread_workers is not None
+        adaptive_min = _int(settings, "SPEEDUP_ADAPTIVE_MIN_CONCURRENCY", 1, minimum=1)
+        adaptive_max = _int(
+            settings, "SPEEDUP_ADAPTIVE_MAX_CONCURRENCY", _per_slot_default(settings), minimum=1
         )
-        _positive("SPEEDUP_PROCESS_INLINE_BELOW_MS", inline_below, allow_zero=True)
-        thread_workers = _get(settings, "SPEEDUP_THREAD_WORKERS", int, 32)
-        _positive("SPEEDUP_THREAD_WORKERS", thread_workers)
-        thread_timeout = _get(settings, "SPEEDUP_THREAD_TIMEOUT_SECONDS", float, None)
-        _positive("SPEEDUP_THREAD_TIMEOUT_SECONDS", thread_timeout)
-        adaptive_min = _get(settings, "SPEEDUP_ADAPTIVE_MIN_CONCURRENCY", int, 1)
-        _positive("SPEEDUP_ADAPTIVE_MIN_CONCURRENCY", adaptive_min)
-        adaptive_max = _get(
-            settings,
-            "SPEEDUP_ADAPTIVE_MAX_CONCURRENCY",
-            int,
-            settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN", 8),
-        )
+        assert adaptive_min is not None and adaptive_max is not None
         if adaptive_max < adaptive_min:
             raise SpeedupSettingsError(
                 f"SPEEDUP_ADAPTIVE_MAX_CONCURRENCY ({adaptive_max}) must be at least"
                 f" SPEEDUP_ADAPTIVE_MIN_CONCURRENCY ({adaptive_min})"
             )
-        overload_retries = _get(settings, "SPEEDUP_ADAPTIVE_OVERLOAD_RETRY_TIMES", int, 10)
-        _positive("SPEEDUP_ADAPTIVE_OVERLOAD_RETRY_TIMES", overload_retries, allow_zero=True)
-        # asyncio's debug mode calls a callback slow from 100 ms on.
-        lag_warn_ms = _get(settings, "SPEEDUP_LAG_WARN_MS", float, 100.0)
-        _positive("SPEEDUP_LAG_WARN_MS", lag_warn_ms)
-        shutdown_timeout = _get(settings, "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", float, 30.0)
-        _positive("SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", shutdown_timeout)
-
-        pipelines = _get_list(settings, "SPEEDUP_PROCESS_PIPELINES")
-        for path in pipelines:
-            if not isinstance(path, str):
-                raise SpeedupSettingsError(
-                    f"SPEEDUP_PROCESS_PIPELINES must list import paths as strings,"
-                    f" got {path!r}"
-                )
-        return cls(
-            enabled=_get(settings, "SPEEDUP_ENABLED", bool, True),
-            process_enabled=_get(settings, "SPEEDUP_PROCESS_ENABLED", bool, True),
-            process_workers=workers,
-            process_start_method=start_method,
-            process_max_in_flight=max_in_flight,
-            process_retry_times=retry_times,
-            process_timeout_seconds=timeout,
-            process_max_tasks_per_child=max_tasks,
-            process_inline_below_ms=inline_below,
-            process_pipelines=tuple(pipelines),
-            thread_enabled=_get(settings, "SPEEDUP_THREAD_ENABLED", bool, True),
-            thread_workers=thread_workers,
-            thread_timeout_seconds=thread_timeout,
-            adaptive_enabled=_get(settings, "SPEEDUP_ADAPTIVE_CONCURRENCY_ENABLED", bool, False),
-            adaptive_min_concurrency=adaptive_min,
-            adaptive_max_concurrency=adaptive_max,
-            adaptive_overload_retry_times=overload_retries,
-            adaptive_debug=_get(settings, "SPEEDUP_ADAPTIVE_DEBUG", bool, False),
-            doctor_enabled=_get(settings, "SPEEDUP_DOCTOR_ENABLED", bool, True),
-            lag_warn_ms=lag_warn_ms,
-            shutdown_timeout_seconds=shutdown_timeout,
-        )
+        values: dict[str, Any] = {
+            "enabled": _bool(settings, "SPEEDUP_ENABLED", True),
+            "process_enabled": _bool(settings, "SPEEDUP_PROCESS_ENABLED", True),
+            "process_workers": workers,
+            "process_start_method": _start_method(settings),
+            "process_max_in_flight": max_in_flight,
+            "process_retry_times": _int(settings, "SPEEDUP_PROCESS_RETRY_TIMES", 1, minimum=0),
+            "process_timeout_seconds": _float(settings, "SPEEDUP_PROCESS_TIMEOUT_SECONDS", None),
+            "process_max_tasks_per_child": _int(
+                settings, "SPEEDUP_PROCESS_MAX_TASKS_PER_CHILD", None, minimum=1
+            ),
+            "process_inline_below_ms": _float(
+                settings, "SPEEDUP_PROCESS_INLINE_BELOW_MS", DEFAULT_INLINE_BELOW_MS,
+                allow_zero=True,
+            ),
+            # Far above any item or result worth sending between processes;
+            # what it guards against is a corrupt length that would have the
+            # crawl wait forever for 2**63 bytes.
+            "process_max_message_mb": _float(settings, "SPEEDUP_PROCESS_MAX_MESSAGE_MB", 512.0,
+                                             minimum=1.0, maximum=2.0**20),
+            "process_pipelines": _str_list(settings, "SPEEDUP_PROCESS_PIPELINES"),
+            "thread_enabled": _bool(settings, "SPEEDUP_THREAD_ENABLED", True),
+            "thread_workers": thread_workers,
+            "thread_timeout_seconds": _float(settings, "SPEEDUP_THREAD_TIMEOUT_SECONDS", None),
+            "thread_max_stuck": _int(
+                settings, "SPEEDUP_THREAD_MAX_STUCK", thread_workers, minimum=0,
+                maximum=_MAX_THREADS,
+            ),
+            "adaptive_enabled": _bool(settings, "SPEEDUP_ADAPTIVE_CONCURRENCY_ENABLED", False),
+            "adaptive_min_concurrency": adaptive_min,
+            "adaptive_max_concurrency": adaptive_max,
+            "adaptive_overload_retry_times": _int(
+                # Five back-offs of 1, 2, 4, 8 and 16 s (+-50%): a page that
+                # stays overloaded fails after about 30 s, not minutes.
+                settings, "SPEEDUP_ADAPTIVE_OVERLOAD_RETRY_TIMES", 5, minimum=0
+            ),
+            "adaptive_debug": _bool(settings, "SPEEDUP_ADAPTIVE_DEBUG", False),
+            "doctor_enabled": _bool(settings, "SPEEDUP_DOCTOR_ENABLED", True),
+            # asyncio's debug mode calls a callback slow from 100 ms on.
+            "lag_warn_ms": _float(settings, "SPEEDUP_LAG_WARN_MS", 100.0, maximum=60_000.0),
+            "shutdown_timeout_seconds": _float(settings, "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", 30.0),
+            "sqlite_path": _str(settings, "SPEEDUP_SQLITE_PATH", None),
+            "sqlite_table": _table(settings, "SPEEDUP_SQLITE_TABLE"),
+            "postgres_dsn": _str(settings, "SPEEDUP_POSTGRES_DSN", None),
+            "postgres_table": _table(settings, "SPEEDUP_POSTGRES_TABLE"),
+            "db_batch_size": _int(settings, "SPEEDUP_DB_BATCH_SIZE", 100, minimum=1),
+            "db_commit_interval_seconds": _float(
+                settings, "SPEEDUP_DB_COMMIT_INTERVAL_SECONDS", 1.0
+            ),
+            "db_timeout_seconds": _float(settings, "SPEEDUP_DB_TIMEOUT_SECONDS", 60.0),
+            "db_retry_times": _int(settings, "SPEEDUP_DB_RETRY_TIMES", 5, minimum=0),
+        }
+        return cls(**values)

@@ -1,16 +1,29 @@
-"""Errors that scrapy-speedup raises to the code that offloaded the work."""
+"""Every error that scrapy-speedup raises, in one place."""
 
 from __future__ import annotations
 
 __all__ = [
+    "DatabaseError",
     "OffloadError",
     "PoolClosedError",
+    "ProtocolError",
     "RemoteTraceback",
+    "SpeedupSettingsError",
     "TaskTimeoutError",
+    "ThreadPoolExhaustedError",
     "UnpicklableError",
     "WorkerCrashedError",
     "WorkerInitError",
 ]
+
+
+class SpeedupSettingsError(ValueError):
+    """A ``SPEEDUP_*`` setting has a value that scrapy-speedup cannot use.
+
+    Raised while the crawler is built, so that a crawl never runs without the
+    speedup its settings ask for. The message names the setting, the value
+    and what it must be.
+    """
 
 
 class OffloadError(RuntimeError):
@@ -37,7 +50,26 @@ class WorkerInitError(OffloadError):
 
 
 class PoolClosedError(OffloadError):
-    """Work was offloaded after the crawl's process pool was shut down."""
+    """Work was offloaded after the crawl's pool was shut down, or was
+    abandoned when the crawl stopped before it finished."""
+
+
+class ProtocolError(OffloadError):
+    """A worker's socket carried bytes that are not a valid message (a frame
+    over the size limit, an unknown kind, a result for a task it does not
+    hold). The worker is ended; its tasks are handled as after a crash."""
+
+
+class ThreadPoolExhaustedError(RuntimeError):
+    """Every thread the crawl's thread pool may have is stuck in a call that
+    ran past its timeout, so a blocking call cannot run."""
+
+
+class DatabaseError(Exception):
+    """A database pipeline could not store an item: the database refused the
+    row (the message is the database's), the item cannot be stored as it is
+    (a field name or value the pipeline refuses, and why), or the database
+    stayed unavailable through every retry."""
 
 
 class RemoteTraceback(Exception):  # noqa: N818 - a traceback, not an error

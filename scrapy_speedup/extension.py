@@ -12,10 +12,10 @@ import twisted
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
 
-from scrapy_speedup._bridge import Bridge
-from scrapy_speedup._process_pool import ProcessPool
+from scrapy_speedup._bridge import Bridge, Timer
 from scrapy_speedup._thread_pool import ThreadPool
 from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.process.pool import ProcessPool
 from scrapy_speedup.reactor_doctor import ReactorDoctor
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 # the pools without being passed the crawler when only one crawl runs. This
 # is a lookup table: the pools themselves belong to each extension.
 _running: weakref.WeakSet[SpeedupExtension] = weakref.WeakSet()
+# How often the extension looks whether the crawl has begun to stop.
+_STOP_POLL_S = 0.25
 
 
 def running_extensions() -> list[SpeedupExtension]:
@@ -50,21 +52,23 @@ class SpeedupExtension:
     def __init__(self, crawler: Crawler, config: SpeedupConfig) -> None:
         self.crawler = crawler
         self.config = config
+        self._bridge: Bridge | None = None
         self._pool: ProcessPool | None = None
         self._threads: ThreadPool | None = None
         #: Measures reactor lag and names what blocks the reactor (None when
         #: SPEEDUP_DOCTOR_ENABLED is False or before the spider opens).
         self.doctor: ReactorDoctor | None = None
+        self._stop_watch: Timer | None = None
+        self._stop_deadline: Timer | None = None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
-        config = SpeedupConfig.from_settings(crawler.settings)
+        config = SpeedupConfig.of(crawler)
         if not config.enabled:
             raise NotConfigured
         ext = cls(crawler, config)
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
-        _running.add(ext)
         return ext
 
     @classmethod
@@ -80,17 +84,30 @@ class SpeedupExtension:
         return ext
 
     @property
+    def bridge(self) -> Bridge:
+        """The crawl's one bridge to the reactor thread, created on first use
+        (on the reactor thread, once the reactor or loop runs)."""
+        if self._bridge is None:
+            self._bridge = Bridge()
+        return self._bridge
+
+    @property
     def pool(self) -> ProcessPool:
         """The crawl's process pool, created on first use (the reactor runs by then)."""
         if self._pool is None:
-            self._pool = ProcessPool(self.crawler, self.config, Bridge())
+            self._pool = ProcessPool(self.crawler, self.config, self.bridge)
+        return self._pool
+
+    @property
+    def pool_if_started(self) -> ProcessPool | None:
+        """The process pool if something has used it, else None."""
         return self._pool
 
     @property
     def thread_pool(self) -> ThreadPool:
         """The crawl's thread pool for blocking calls, created on first use."""
         if self._threads is None:
-            self._threads = ThreadPool(self.crawler, self.config, Bridge())
+            self._threads = ThreadPool(self.crawler, self.config, self.bridge)
         return self._threads
 
     async def run_in_thread(
@@ -123,9 +140,12 @@ class SpeedupExtension:
         from scrapy_speedup import __version__
 
         config = self.config
+        # Running from now on: run_in_process() without a crawler finds it.
+        _running.add(self)
         if config.doctor_enabled:
-            self.doctor = ReactorDoctor(self.crawler, config, Bridge())
+            self.doctor = ReactorDoctor(self.crawler, config, self.bridge)
             self.doctor.start()
+        self._watch_for_stop()
         # Workers and threads start on first use (process workers now, for
         # the pipelines that run in them, whose open_spider waits for them): a
         # crawl that never offloads, or whose calls are all cheap, pays nothing.
@@ -154,17 +174,62 @@ class SpeedupExtension:
             scrapy.__version__,
             twisted.__version__,
             platform.python_version(),
-            Bridge().runtime,
+            self.bridge.runtime,
             pools,
             extra={"crawler": self.crawler},
         )
 
+    # -- a bounded stop ---------------------------------------------------------
+
+    def _watch_for_stop(self) -> None:
+        """Notice when the crawl begins to stop (Ctrl-C, CloseSpider, the
+        engine closing the spider) and give offloaded work at most
+        SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS from then.
+
+        Scrapy closes the spider only once every response in progress is
+        handled, and a response whose item waits for a task that never ends
+        is never handled: a drain that starts at spider_closed would never
+        start. No signal marks the start of a stop, hence a light poll.
+        """
+        self._stop_watch = None
+        if self._stop_deadline is not None:
+            return
+        if self._stopping():
+            timeout = self.config.shutdown_timeout_seconds
+            if self._pool is not None or self._threads is not None:
+                logger.info(
+                    "scrapy-speedup: the crawl is stopping; offloaded work has %s s to"
+                    " finish (SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS)", timeout,
+                    extra={"crawler": self.crawler},
+                )
+            self._stop_deadline = self.bridge.call_later(timeout, self._give_up)
+            return
+        self._stop_watch = self.bridge.call_later(_STOP_POLL_S, self._watch_for_stop)
+
+    def _stopping(self) -> bool:
+        if not self.crawler.crawling:
+            return True
+        engine = self.crawler.engine
+        slot = getattr(engine, "_slot", None)
+        return slot is not None and getattr(slot, "closing", None) is not None
+
+    def _give_up(self) -> None:
+        why = "the crawl is stopping"
+        if self._pool is not None:
+            self._pool.abandon(why)
+        if self._threads is not None:
+            self._threads.abandon(why)
+
     async def spider_closed(self, spider: Spider, reason: str) -> None:
         _running.discard(self)
+        if self._stop_watch is not None:
+            self._stop_watch.cancel()
+        if self._stop_deadline is not None:
+            self._stop_deadline.cancel()
         if self.doctor is not None:
             self.doctor.stop()
         if self._pool is not None:
-            await self._pool.close()
+            await self._pool.close(reason)
         if self._threads is not None:
             await self._threads.close()
         self._log_summary()
@@ -180,12 +245,14 @@ class SpeedupExtension:
 
             logger.info(
                 "scrapy-speedup thread pool: %d calls: %d succeeded, %d errored"
-                " (%d timed out, %d left threads stuck); %d threads busy at most",
+                " (%d timed out, %d left threads stuck), %d abandoned; %d threads busy"
+                " at most",
                 thread_count("task_count"),
                 thread_count("succeeded_count"),
                 thread_count("error_count"),
                 thread_count("timeout_count"),
                 thread_count("stuck_count"),
+                thread_count("abandoned_count"),
                 thread_count("busy_max"),
                 extra={"crawler": self.crawler},
             )

@@ -92,7 +92,7 @@ class CpuBoundFunction(Generic[_P, _T]):
             )
         functools.update_wrapper(self, func)
         self.func = func
-        # The worker calls this instead of the wrapper (see _worker.run_task).
+        # The worker calls this instead of the wrapper (see process.worker.run_task).
         self.__speedup_wrapped__ = func
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> Coroutine[Any, Any, _T]:

@@ -20,17 +20,30 @@ Two cheap parts:
   middleware, an extension) and the innermost frame of the project's own
   code ("where"), and re-arms itself for another sample an interval later.
 
-When the timer then runs more than ``SPEEDUP_LAG_WARN_MS`` late, the block is
-charged to the component seen most often on the stack during it, and the
-first block of each component is logged as a WARNING with the fix.
+When the timer then runs more than ``SPEEDUP_LAG_WARN_MS`` late, the doctor
+decides what the block was, from the samples taken during it (every 2 ms
+at first, then every ``interval``):
+
+* **A long call.** Consecutive samples that see the same frame object of a
+  component's method (or of the project's code under it) were taken inside
+  one call of it, so the span between them is a lower bound of that call's
+  length. A component is named, with its fix, only when one of its calls
+  lasted at least ``_MIN_CALL_S`` (5 ms): moving a call that long to a
+  process or a thread pays for itself many times over (the move costs
+  ~0.3 ms); moving a 1 ms parse would not. The first block of each such
+  component is a WARNING.
+* **Garbage collection**, when collections (timed with ``gc.callbacks``)
+  took at least half the block: its own kind, at INFO.
+* **A busy reactor**: many short calls, none long enough to blame: the
+  crawl's own work (Scrapy, callbacks, middlewares) is its bottleneck. Said
+  once, at INFO, with the reactor thread's CPU share.
 
 Sampling, not wrapping the components' methods, because wrapping changes
 what Scrapy introspects (coroutine functions, the deprecated ``spider``
 argument), misses the time spent iterating a callback's generator, and costs
 on every call. A signal, not a watchdog thread, because a thread that wakes
-50 times a second to look cost a reactor-bound crawl 6% on a 2-core VM
-(every wake-up moves the GIL between cores twice), while re-arming a timer
-costs a system call. Signals reach only the main thread: when the reactor
+50 times a second takes the GIL from the reactor each time, while re-arming
+a timer costs a system call (docs/design.rst). Signals reach only the main thread: when the reactor
 runs in another thread (``CrawlerRunner`` in a thread), or when the project
 already uses ``SIGALRM``, the doctor measures lag and blocks but cannot name
 what blocked, and says so.
@@ -39,6 +52,8 @@ what blocked, and says so.
 from __future__ import annotations
 
 import _signal
+import atexit
+import gc
 import logging
 import os
 import signal
@@ -46,7 +61,7 @@ import sysconfig
 import threading
 import time
 import types
-from collections import Counter
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,8 +83,17 @@ _STAT = "speedup/reactor/"
 # A block is CPU work when the reactor thread ran on a CPU for at least this
 # share of it; below, it mostly waited (I/O, a lock, sleep).
 _CPU_SHARE = 0.5
-# Stack samples kept per block: enough to tell which component dominated.
-_MAX_SAMPLES = 64
+# Stack samples kept per block: enough to tell which component dominated,
+# and (bounded) in case a reactor stopped without closing the spider.
+_MAX_SAMPLES = 100
+# The first samples of a block come this often, to measure calls of a few
+# ms; a sample costs ~20-50 us, spent only while the reactor is blocked.
+_FINE_INTERVAL_S = 0.002
+_MAX_FINE_SAMPLES = 40
+# A component is named only for a call at least this long (see above).
+_MIN_CALL_S = 0.005
+# A block is garbage collection's when collections took this share of it.
+_GC_SHARE = 0.5
 # How many of the worst blockers the summary at close lists.
 _SUMMARY_ROWS = 10
 # The load the adaptive middleware sees is measured over windows this long.
@@ -82,6 +106,9 @@ _KINDS = {
     "spidermw": "spider middleware",
     "extension": "extension",
 }
+# Blocks that are not a component's: labels of the summary table.
+_GC = "(garbage collection)"
+_BUSY = "(many short calls)"
 
 
 # A frame's code and line: turned into "file:line in function" only for the
@@ -100,10 +127,14 @@ class _Component:
 class _Blocker:
     component: _Component | None
     where: str
+    # "call": a component's or the project's long call; "gc"; "busy";
+    # "unknown": no sample could say.
+    kind: str = "call"
     count: int = 0
     total_s: float = 0.0
     max_s: float = 0.0
     cpu_s: float = 0.0
+    longest_call_s: float = 0.0
 
     @property
     def cpu_share(self) -> float:
@@ -118,6 +149,34 @@ class ReactorLoad:
     lag_max_s: float
     #: The share of the window the reactor thread ran on a CPU (0 to 1).
     cpu_share: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    due: float  # the due time of the tick whose block it was taken in
+    at: float
+    component: _Component | None
+    # The frame whose call the sample was inside: the component's, or the
+    # project's code when no component is on the stack. A reference, kept
+    # only until the block is judged: identity tells one call from the next.
+    frame: types.FrameType | None
+    where: _Where
+
+
+# Doctors whose alarm may be armed, disarmed at exit: Python resets signal
+# handlers to their defaults while it finalizes, and SIGALRM's default ends
+# the process (exit status 142 after Ctrl-C twice).
+_armed: weakref.WeakSet[ReactorDoctor] = weakref.WeakSet()
+
+
+def _disarm_all() -> None:
+    for doctor in list(_armed):
+        doctor._stopping = True
+    if _armed and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+atexit.register(_disarm_all)
 
 
 class ReactorDoctor:
@@ -143,7 +202,11 @@ class ReactorDoctor:
         # Written by the timer and the signal handler, both on the reactor
         # thread; a sample carries the due time of the tick it delayed.
         self._due = 0.0
-        self._samples: list[tuple[float, _Component | None, _Where]] = []
+        self._samples: list[_Sample] = []
+        self._gc_s = 0.0  # time in garbage collection so far
+        self._gc_started = 0.0
+        self._gc_at_tick = 0.0
+        self._busy_said = False
         self._last_tick = self._last_cpu = 0.0
         self._window = (0.0, 0.0, 0.0)  # start, cpu at start, lag max
         #: The reactor's load over the last complete window (about a second).
@@ -151,7 +214,7 @@ class ReactorDoctor:
         self.lag_max_s = 0.0
         self.blocked_s = 0.0
         self.block_count = 0
-        self._blockers: dict[tuple[_Component | None, str], _Blocker] = {}
+        self._blockers: dict[tuple[_Component | None, str, str], _Blocker] = {}
 
     # -- life cycle (reactor thread) ------------------------------------------
 
@@ -163,6 +226,8 @@ class ReactorDoctor:
             # Restart the system calls that the alarm interrupts, so that C
             # code blocked in a read does not see EINTR.
             signal.siginterrupt(signal.SIGALRM, False)
+            _armed.add(self)
+        gc.callbacks.append(self._on_gc)
         now = time.monotonic()
         self._last_tick, self._last_cpu = now, time.thread_time()
         self._window = (now, self._last_cpu, 0.0)
@@ -170,6 +235,9 @@ class ReactorDoctor:
 
     def stop(self) -> None:
         self._stopping = True
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+        _armed.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -228,9 +296,10 @@ class ReactorDoctor:
         if lag > self.lag_max_s:
             self.lag_max_s = lag
             self.stats.max_value(_STAT + "lag_max_ms", round(lag * 1000))
+        gc_s, self._gc_at_tick = self._gc_s - self._gc_at_tick, self._gc_s
         if lag > self.warn_s:
             due = self._due
-            self._block(lag, block_cpu, [s[1:] for s in samples if s[0] == due])
+            self._block(lag, block_cpu, gc_s, [s for s in samples if s.due == due])
         start, start_cpu, window_lag = self._window
         window_lag = max(window_lag, lag)
         if now - start >= _LOAD_WINDOW_S:
@@ -245,37 +314,52 @@ class ReactorDoctor:
         if frame is None or self._stopping:
             return
         try:
-            component, where = self._attribute(frame)
+            self._samples.append(self._sample(frame))
         except Exception:  # never into the code it interrupted
             logger.debug("reactor doctor: stack sample failed", exc_info=True)
             return
-        self._samples.append((self._due, component, where))
-        # Sample again while the block lasts; a block long enough to fill
-        # the list has been seen enough (and a reactor that stopped without
-        # closing the spider is not sampled forever).
-        if len(self._samples) < _MAX_SAMPLES:
+        # Sample again while the block lasts: finely at first, to measure
+        # calls of a few ms, then coarsely; a block long enough to fill the
+        # list has been seen enough.
+        count = len(self._samples)
+        if count < _MAX_FINE_SAMPLES:
+            self._arm(_FINE_INTERVAL_S)
+        elif count < _MAX_SAMPLES:
             self._arm(self.interval_s)
 
-    def _attribute(self, frame: types.FrameType) -> tuple[_Component | None, _Where]:
-        """The innermost component on the stack, and the innermost frame of
-        the project's own code (not the standard library, not an installed
-        package); the innermost frame of all when neither is found."""
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started:
+            self._gc_s += time.perf_counter() - self._gc_started
+            self._gc_started = 0.0
+
+    def _sample(self, frame: types.FrameType) -> _Sample:
+        """What the reactor thread is inside of: the innermost component
+        frame on the stack, else the innermost frame of the project's code
+        run by the loop (the script that started the loop does not count:
+        it is always on the stack)."""
         where: _Where | None = None
+        project: types.FrameType | None = None
         innermost: _Where | None = None
         f: types.FrameType | None = frame
         depth = 0
         while f is not None and depth < 200:
             code = f.f_code
+            if code in _LOOP_CODES:
+                break  # older frames run the loop itself
             if innermost is None:
                 innermost = (code, f.f_lineno)
-            if where is None and not self._is_library(code.co_filename):
-                where = (code, f.f_lineno)
+            if project is None and not self._is_library(code.co_filename):
+                project, where = f, (code, f.f_lineno)
             component = self._components.get(code)
             if component is not None:
-                return component, where or (code, f.f_lineno)
+                return _Sample(self._due, time.monotonic(), component, f,
+                               where or (code, f.f_lineno))
             f = f.f_back
             depth += 1
-        return None, where or innermost or _UNKNOWN
+        return _Sample(self._due, time.monotonic(), None, project,
+                       where or innermost or _UNKNOWN)
 
     def _is_library(self, filename: str) -> bool:
         library = self._library_files.get(filename)
@@ -286,27 +370,39 @@ class ReactorDoctor:
 
     # -- reporting (reactor thread) -------------------------------------------
 
-    def _block(
-        self, lag: float, cpu_share: float, samples: list[tuple[_Component | None, _Where]]
-    ) -> None:
+    def _block(self, lag: float, cpu_share: float, gc_s: float,
+               samples: list[_Sample]) -> None:
         self.block_count += 1
         self.blocked_s += lag
         self.stats.inc_value(_STAT + "block_count")
         self.stats.set_value(_STAT + "blocked_seconds", round(self.blocked_s, 3))
-        if samples:
-            (component, code_line), _ = Counter(samples).most_common(1)[0]
-            where = _location(*code_line)
-        else:
-            component, where = None, self._unsampled()
-        key = (component, where if component is None else "")
+        component, where, longest, kind = self._judge(lag, gc_s, samples)
+        self.stats.inc_value(f"{_STAT}block_count/{kind}")
+        key = (component, where if component is None else "", kind)
         blocker = self._blockers.get(key)
         if blocker is None:
-            blocker = self._blockers[key] = _Blocker(component, where)
+            blocker = self._blockers[key] = _Blocker(component, where, kind)
         blocker.count += 1
         blocker.total_s += lag
         blocker.max_s = max(blocker.max_s, lag)
         blocker.cpu_s += lag * cpu_share
-        if blocker.count == 1:
+        blocker.longest_call_s = max(blocker.longest_call_s, longest)
+        if kind == "busy":
+            self._say_busy(blocker, lag, cpu_share)
+        elif kind == "gc":
+            if blocker.count == 1:
+                logger.info(
+                    "Garbage collection paused the reactor: %d ms of collections in a"
+                    " block of %d ms. Many live objects make collections long:"
+                    " gc.freeze() once the crawl's long-lived objects exist, or fewer"
+                    " objects per item, shortens them. Further pauses are counted and"
+                    " listed when the spider closes.",
+                    # Collections just before the tick was due count in gc_s,
+                    # not in the lag: never more than the block.
+                    round(min(gc_s, lag) * 1000), round(lag * 1000),
+                    extra={"crawler": self.crawler},
+                )
+        elif blocker.count == 1:
             self._warn_first(blocker, lag, cpu_share, where)
         elif _is_power_of_ten(blocker.count):
             logger.warning(
@@ -320,9 +416,72 @@ class ReactorDoctor:
                 extra={"crawler": self.crawler},
             )
 
+    def _judge(
+        self, lag: float, gc_s: float, samples: list[_Sample]
+    ) -> tuple[_Component | None, str, float, str]:
+        """(component, where, its longest call, kind) of a block."""
+        if gc_s >= _GC_SHARE * lag:
+            return None, _GC, 0.0, "gc"
+        if not samples:
+            return None, self._unsampled(), 0.0, "unknown"
+        # Runs of consecutive samples inside the same call; each run's span
+        # is a lower bound of that call's length. Calls are grouped by
+        # component, or by the project function when no component is on
+        # the stack; `where` is from the first sample of the longest call.
+        longest: dict[object, tuple[float, _Component | None, _Where]] = {}
+        total: dict[object, float] = {}
+        run_start = samples[0]
+        for previous, sample in zip(samples, [*samples[1:], None], strict=True):
+            if sample is not None and sample.frame is not None and (
+                    sample.frame is previous.frame):
+                continue
+            if previous.frame is not None:
+                key = previous.component or run_start.where[0]
+                span = previous.at - run_start.at
+                if span >= longest.get(key, (-1.0,))[0]:
+                    longest[key] = (span, previous.component, run_start.where)
+                total[key] = total.get(key, 0.0) + span
+            if sample is not None:
+                run_start = sample
+        calls = [key for key, (span, _, _) in longest.items() if span >= _MIN_CALL_S]
+        if not calls:
+            return None, _BUSY, max((v[0] for v in longest.values()), default=0.0), "busy"
+        # The component with the most time in long calls; the project's own
+        # code outside components only when no component qualifies.
+        named = [key for key in calls if longest[key][1] is not None] or calls
+        span, component, code_line = longest[max(named, key=lambda key: total[key])]
+        return component, _location(*code_line), span, "call"
+
+    def _say_busy(self, blocker: _Blocker, lag: float, cpu_share: float) -> None:
+        if self._busy_said:
+            return
+        self._busy_said = True
+        logger.info(
+            "The reactor was busy for %d ms (%d%% of it on the CPU) with many short"
+            " calls, none of %d ms or more: the crawl's own work (Scrapy, callbacks,"
+            " middlewares) keeps its one reactor thread full, and no single component"
+            " is worth moving to a process or a thread. Such blocks are counted and"
+            " listed when the spider closes.",
+            round(lag * 1000), round(cpu_share * 100), round(_MIN_CALL_S * 1000),
+            extra={"crawler": self.crawler},
+        )
+
     def _warn_first(self, blocker: _Blocker, lag: float, cpu_share: float, where: str) -> None:
+        calls = ""
+        if blocker.kind == "call":
+            calls = f", in calls of {round(blocker.longest_call_s * 1000)} ms or more each"
+        if blocker.kind == "unknown":
+            logger.warning(
+                "The reactor was blocked for %d ms (%d%% of it on the CPU), and the doctor"
+                " cannot tell by what (%s): while it is blocked no request is sent and no"
+                " response is read. Further blocks are counted and listed when the spider"
+                " closes.",
+                round(lag * 1000), round(cpu_share * 100), where.removeprefix("unknown: "),
+                extra={"crawler": self.crawler},
+            )
+            return
         logger.warning(
-            "%s blocked the reactor for %d ms (at %s; %d%% of it on the CPU):"
+            "%s blocked the reactor for %d ms (at %s; %d%% of it on the CPU)%s:"
             " while it runs no request is sent and no response is read. %s"
             " Further blocks by it are counted (warned again at 10, 100, ...)"
             " and listed when the spider closes.",
@@ -330,6 +489,7 @@ class ReactorDoctor:
             round(lag * 1000),
             where,
             round(cpu_share * 100),
+            calls,
             self._fix(blocker.component, cpu_share),
             extra={"crawler": self.crawler},
         )
@@ -379,20 +539,24 @@ class ReactorDoctor:
         worst = sorted(self._blockers.values(), key=lambda b: b.total_s, reverse=True)
         rows = [
             (
-                b.component.label if b.component else "(outside components)",
+                _row_label(b),
                 b.component.kind if b.component else "",
                 str(b.count),
                 f"{b.total_s:.2f}",
                 str(round(b.max_s * 1000)),
                 f"{round(b.cpu_share * 100)}%",
-                "thread" if b.cpu_share < _CPU_SHARE else "process",
-                b.where,
+                _row_fix(b),
+                "" if b.kind in ("gc", "busy") else b.where,
             )
             for b in worst[:_SUMMARY_ROWS]
         ]
         header = ("blocker", "kind", "blocks", "total s", "max ms", "CPU", "fix", "where")
         table = "\n".join(_table([header, *rows]))
-        logger.warning(
+        # A crawl whose blocks are all its own busy work or collections
+        # has nothing to fix in a component: INFO, not WARNING.
+        named = any(b.kind in ("call", "unknown") for b in self._blockers.values())
+        logger.log(
+            logging.WARNING if named else logging.INFO,
             "scrapy-speedup reactor doctor: the reactor was blocked %d times for"
             " longer than %d ms, %.2f s in all (lag max %d ms); worst blockers"
             " (fix: process = run_in_process / SPEEDUP_PROCESS_PIPELINES,"
@@ -404,6 +568,39 @@ class ReactorDoctor:
             table,
             extra={"crawler": self.crawler},
         )
+
+
+def _row_label(blocker: _Blocker) -> str:
+    if blocker.component is not None:
+        return blocker.component.label
+    if blocker.kind in ("gc", "busy"):
+        return blocker.where
+    return "(outside components)"
+
+
+def _row_fix(blocker: _Blocker) -> str:
+    if blocker.kind in ("gc", "busy"):
+        return "-"
+    return "thread" if blocker.cpu_share < _CPU_SHARE else "process"
+
+
+def _loop_codes() -> frozenset[types.CodeType]:
+    """The code that dispatches the loop's callbacks, asyncio's and
+    Twisted's: frames older than these run the loop itself."""
+    import asyncio.events
+
+    codes = [asyncio.events.Handle._run.__code__]
+    try:
+        from twisted.internet import base, posixbase
+
+        codes.append(base.ReactorBase.runUntilCurrent.__code__)
+        codes.append(posixbase._PollLikeMixin._doReadOrWrite.__code__)
+    except (ImportError, AttributeError):  # another Twisted: the whole stack counts
+        pass
+    return frozenset(codes)
+
+
+_LOOP_CODES = _loop_codes()
 
 
 def _why_no_sampling() -> str:
@@ -477,6 +674,11 @@ def _components_of(crawler: Crawler) -> Iterator[tuple[types.CodeType, _Componen
     objects: list[tuple[str, object]] = [("spider", crawler.spider)] if crawler.spider else []
     for kind, manager in managers:
         objects += [(kind, component) for component in getattr(manager, "middlewares", ())]
+    # scrapy-speedup's own components (its extension, the pipeline proxies,
+    # its middlewares) are not the project's to fix: what blocks in them is
+    # reported by what it is (the project's code they run, or busy work).
+    objects = [(kind, obj) for kind, obj in objects
+               if not type(obj).__module__.startswith("scrapy_speedup.")]
     found: dict[types.CodeType, set[_Component]] = {}
     for kind, obj in objects:
         cls = type(obj)

@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +17,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+from tests.postgres_server import postgres_server
 
 PROJECT = Path(__file__).parent / "project"
 REPO = Path(__file__).parent.parent
@@ -126,8 +125,11 @@ class Crawl:
             cmd += ["-a", f"{key}={value}"]
         env = {**os.environ, "PYTHONPATH": f"{PROJECT}{os.pathsep}{REPO}"}
         self._log = open(self.log_file, "w")
+        # A process group of its own, as a crawl started in a terminal has:
+        # Ctrl-C there signals the whole group (workers, fork server).
         self.process = subprocess.Popen(
-            cmd, cwd=PROJECT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+            cmd, cwd=PROJECT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            process_group=0,
         )
         self.descendants: set[int] = set()
 
@@ -151,8 +153,9 @@ class Crawl:
         raise AssertionError(f"{pattern!r} not in the log:\n{self.log_file.read_text()}")
 
     def interrupt(self) -> None:
+        """Ctrl-C in the crawl's terminal: SIGINT to its whole process group."""
         self.track_descendants()
-        self.process.send_signal(signal.SIGINT)
+        os.killpg(self.process.pid, signal.SIGINT)
 
     def result(self, timeout: float = 90) -> CrawlResult:
         deadline = time.monotonic() + timeout
@@ -177,16 +180,12 @@ def run_crawl(tmp_path: Path, *, timeout: float = 90, **kwargs: Any) -> CrawlRes
 
 
 def assert_process_stats_add_up(result: CrawlResult) -> None:
-    """Every task ends succeeded, dropped, errored or abandoned."""
+    """Every task ends succeeded, dropped, errored, abandoned or cancelled."""
     s = result.stat
     ended = (s("speedup/process/succeeded_count") + s("speedup/process/dropped_count")
-             + s("speedup/process/error_count") + s("speedup/process/abandoned_count"))
+             + s("speedup/process/error_count") + s("speedup/process/abandoned_count")
+             + s("speedup/process/cancelled_count"))
     assert s("speedup/process/task_count") == ended, result.stats
-
-
-def _postgres_bin(name: str) -> str | None:
-    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(found[-1]) if found else shutil.which(name)
 
 
 @pytest.fixture(scope="session")
@@ -196,37 +195,8 @@ def postgres_dsn() -> Iterator[str]:
     ``make test`` installs Debian's postgresql where it is missing; without it
     the tests that need it are skipped, except on CI, where they fail.
     """
-    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is missing on CI: make test should have installed it")
-        pytest.skip("PostgreSQL is not installed (make test installs it)")
-    # Not under pytest's temporary folder: it is private to root, and the
-    # server runs as the postgres user.
-    root = Path(tempfile.mkdtemp(prefix="scrapy-speedup-postgres-"))
-    data, sockets = root / "data", root / "sockets"
-    sockets.mkdir()
-    # PostgreSQL refuses to run as root: run it as the postgres user then.
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sockets, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "--no-sync"], check=True, capture_output=True, timeout=60)
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-w", "-t", "30",
-                    "-l", str(root / "server.log"), "start"],
-                   check=True, capture_output=True, timeout=60)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                       check=False, capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_server() as server:
+        yield server.dsn
 
 
 def start_capacity_site(capacity: int, latency_ms: float,

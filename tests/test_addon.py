@@ -12,7 +12,7 @@ import pytest
 from scrapy.settings import Settings
 
 from scrapy_speedup import Addon, SpeedupExtension, SpeedupSettingsError
-from scrapy_speedup.pipelines import ProcessPipeline
+from scrapy_speedup.process.pipeline import ProcessPipeline
 from tests.conftest import PROJECT, REPO, DemoSite, run_crawl
 
 
@@ -57,7 +57,7 @@ def test_bad_setting_stops_the_crawl_before_it_starts(demo_site: DemoSite, tmp_p
     result = run_crawl(tmp_path, settings={"SPEEDUP_PROCESS_WORKERS": "-2"},
                        args={"site": demo_site.url})
     assert result.returncode != 0
-    assert "SpeedupSettingsError: SPEEDUP_PROCESS_WORKERS (-2) must be more than 0" in result.log
+    assert "SpeedupSettingsError: SPEEDUP_PROCESS_WORKERS ('-2') must be 1 or more" in result.log
     assert result.items == []
 
 

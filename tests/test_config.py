@@ -1,9 +1,22 @@
+"""Settings: defaults, command-line strings, and every bad value a clear error."""
+
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scrapy.settings import Settings
 
 from scrapy_speedup.config import SpeedupConfig, SpeedupSettingsError
+
+REPO = Path(__file__).parent.parent
+SETTING_NAMES = sorted(set(re.findall(
+    r'"(SPEEDUP_[A-Z_]+)"', (REPO / "scrapy_speedup" / "config.py").read_text()
+)))
 
 
 def config(**values: object) -> SpeedupConfig:
@@ -21,7 +34,8 @@ def test_defaults() -> None:
     assert c.process_max_tasks_per_child is None
     assert c.process_pipelines == ()
     assert c.doctor_enabled and c.lag_warn_ms == 100
-
+    assert (c.db_batch_size, c.db_commit_interval_seconds) == (100, 1.0)
+    assert c.thread_max_stuck == c.thread_workers == 32
 
 
 def test_values_from_command_line_strings() -> None:
@@ -30,29 +44,102 @@ def test_values_from_command_line_strings() -> None:
         SPEEDUP_PROCESS_TIMEOUT_SECONDS="2.5",
         SPEEDUP_PROCESS_PIPELINES="a.B,c.D",
         SPEEDUP_PROCESS_ENABLED="False",
+        SPEEDUP_PROCESS_START_METHOD=" Spawn ",
+        SPEEDUP_DB_BATCH_SIZE="7",
+        SPEEDUP_POSTGRES_TABLE="archive.items",
     )
     assert c.process_workers == 3 and c.process_max_in_flight == 12
     assert c.process_timeout_seconds == 2.5
     assert c.process_pipelines == ("a.B", "c.D")
     assert not c.process_enabled
+    assert c.process_start_method == "spawn"
+    assert c.db_batch_size == 7
+    assert c.postgres_table == "archive.items"
     assert config(SPEEDUP_PROCESS_PIPELINES='["a.B"]').process_pipelines == ("a.B",)
     assert config(SPEEDUP_PROCESS_PIPELINES="[]").process_pipelines == ()
+    assert config(SPEEDUP_PROCESS_WORKERS=2.0).process_workers == 2
+    # Scrapy's own settings are Scrapy's to check: 0 per domain is valid
+    # with a per-IP limit, and the adaptive ceiling then follows the latter.
+    c = config(CONCURRENT_REQUESTS_PER_DOMAIN=0, CONCURRENT_REQUESTS_PER_IP=4)
+    assert c.adaptive_max_concurrency == 4
+    # An empty value on the command line (-s NAME=) means the default.
+    assert config(SPEEDUP_PROCESS_TIMEOUT_SECONDS="").process_timeout_seconds is None
 
 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"SPEEDUP_PROCESS_WORKERS": 0}, r"SPEEDUP_PROCESS_WORKERS \(0\) must be more than 0"),
+        ({"SPEEDUP_PROCESS_WORKERS": 0}, r"SPEEDUP_PROCESS_WORKERS \(0\) must be 1 or more"),
         ({"SPEEDUP_PROCESS_WORKERS": "eight"}, r"WORKERS \('eight'\) must be an integer"),
         ({"SPEEDUP_PROCESS_WORKERS": True}, r"SPEEDUP_PROCESS_WORKERS \(True\) must be an integer"),
+        ({"SPEEDUP_PROCESS_WORKERS": 1.9}, r"SPEEDUP_PROCESS_WORKERS \(1.9\) must be an integer"),
+        ({"SPEEDUP_PROCESS_WORKERS": [5]}, r"SPEEDUP_PROCESS_WORKERS \(\[5\]\) must be an integer"),
         ({"SPEEDUP_PROCESS_RETRY_TIMES": -1}, r"RETRY_TIMES \(-1\) must be 0 or more"),
-        ({"SPEEDUP_PROCESS_TIMEOUT_SECONDS": 0}, r"TIMEOUT_SECONDS \(0.0\) must be more than 0"),
+        ({"SPEEDUP_PROCESS_TIMEOUT_SECONDS": 0}, r"TIMEOUT_SECONDS \(0\) must be more than 0"),
+        ({"SPEEDUP_PROCESS_TIMEOUT_SECONDS": "nan"}, r"TIMEOUT_SECONDS \('nan'\) .* finite"),
+        ({"SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": math.inf}, r"SHUTDOWN_TIMEOUT_SECONDS .* finite"),
         ({"SPEEDUP_PROCESS_START_METHOD": "fork"}, r"must be 'forkserver' or 'spawn'.*deadlock"),
+        ({"SPEEDUP_PROCESS_START_METHOD": "threads"}, r"\('threads'\) must be 'forkserver' or"
+                                                      r" 'spawn'$"),
         ({"SPEEDUP_PROCESS_PIPELINES": [1]}, r"import paths as strings, got 1"),
-        ({"SPEEDUP_LAG_WARN_MS": 0}, r"SPEEDUP_LAG_WARN_MS \(0.0\) must be more than 0"),
+        ({"SPEEDUP_PROCESS_PIPELINES": "a.B,a.B"}, r"SPEEDUP_PROCESS_PIPELINES lists a.B more"
+                                                   r" than once"),
+        ({"SPEEDUP_PROCESS_PIPELINES": 5}, r"SPEEDUP_PROCESS_PIPELINES \(5\) must be a list"),
+        ({"SPEEDUP_LAG_WARN_MS": 0}, r"SPEEDUP_LAG_WARN_MS \(0\) must be more than 0"),
         ({"SPEEDUP_LAG_WARN_MS": "soon"}, r"SPEEDUP_LAG_WARN_MS \('soon'\) must be a number"),
+        ({"SPEEDUP_DB_BATCH_SIZE": 0}, r"SPEEDUP_DB_BATCH_SIZE \(0\) must be 1 or more"),
+        ({"SPEEDUP_DB_COMMIT_INTERVAL_SECONDS": 0}, r"INTERVAL_SECONDS \(0\) must be more than 0"),
+        ({"SPEEDUP_ENABLED": "maybe"}, r"SPEEDUP_ENABLED \('maybe'\) must be True or False"),
+        ({"SPEEDUP_SQLITE_TABLE": "items; DROP"}, r"must be a plain table name"),
+        ({"SPEEDUP_ADAPTIVE_MIN_CONCURRENCY": 5, "SPEEDUP_ADAPTIVE_MAX_CONCURRENCY": 4},
+         r"SPEEDUP_ADAPTIVE_MAX_CONCURRENCY \(4\) must be at least"),
+        ({"SPEEDUP_PROCESS_WORKERS": 10**10}, r"SPEEDUP_PROCESS_WORKERS .* must be at most 1024"),
+        ({"SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 1e10}, r"SHUTDOWN_TIMEOUT_SECONDS .* at most 604800"),
+        ({"SPEEDUP_PROCESS_MAX_MESSAGE_MB": 1e-9}, r"MAX_MESSAGE_MB .* must be at least 1"),
     ],
 )
 def test_bad_values_are_named(values: dict[str, object], message: str) -> None:
     with pytest.raises(SpeedupSettingsError, match=message):
         config(**values)
+
+
+def test_every_setting_is_documented() -> None:
+    reference = (REPO / "docs" / "reference" / "settings.rst").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert len(SETTING_NAMES) > 25
+    for name in SETTING_NAMES:
+        assert f".. setting:: {name}\n" in reference, name
+        assert name in readme, name
+
+
+junk = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["nan", "inf", "-1", "0", "1.9", "2", " 3 ", "True", "false", "[5]", "[]",
+                     '["a.B"]', "a.B,c.D", "spawn", "FORKSERVER", "fork", "items", "1e400"]),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                         max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.sampled_from(SETTING_NAMES), value=junk)
+def test_any_value_is_taken_or_refused_by_name(name: str, value: object) -> None:
+    """Every value of every setting is either taken, giving a usable config,
+    or refused with a SpeedupSettingsError that names the setting."""
+    try:
+        c = config(**{name: value})
+    except SpeedupSettingsError as exc:
+        assert name in str(exc)
+        return
+    for field, got in vars(c).items():
+        if isinstance(got, float):
+            assert math.isfinite(got), (field, got)
+            assert got >= 0, (field, got)
+        if isinstance(got, int) and not isinstance(got, bool):
+            assert got >= 0, (field, got)
+    assert c.process_workers >= 1 and c.process_max_in_flight >= 1
+    assert c.db_batch_size >= 1 and c.db_commit_interval_seconds > 0
+    assert c.shutdown_timeout_seconds > 0 and c.lag_warn_ms > 0
+    assert c.process_start_method in ("forkserver", "spawn")
+    assert all(isinstance(p, str) and p for p in c.process_pipelines)

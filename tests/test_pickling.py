@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from parsel import Selector
 
-from scrapy_speedup import _pickling
 from scrapy_speedup.exceptions import UnpicklableError
+from scrapy_speedup.process import pickling as _pickling
 
 
 @dataclass
@@ -40,7 +40,7 @@ def test_names_the_argument_of_a_call() -> None:
     try:
         expected = r"arguments of len\(\): \[1\] holds a _io.TextIOWrapper"
         with pytest.raises(UnpicklableError, match=expected):
-            _pickling.dumps_message("call", parts)
+            _pickling.dumps_parts(("call", *(v for _, v in parts)), parts)
     finally:
         parts[1][1][1].close()
 
@@ -48,4 +48,4 @@ def test_names_the_argument_of_a_call() -> None:
 def test_lambda_gets_a_hint() -> None:
     parts = _pickling.call_parts(lambda: 1, (), {}, "<lambda>")
     with pytest.raises(UnpicklableError, match="define the function at module level"):
-        _pickling.dumps_message("call", parts)
+        _pickling.dumps_parts(("call", *(v for _, v in parts)), parts)

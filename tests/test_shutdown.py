@@ -12,7 +12,8 @@ from tests.conftest import Crawl, DemoSite, assert_process_stats_add_up
 pytestmark = pytest.mark.subprocess
 
 
-def start_slow_crawl(tmp_path: Path, demo_site: DemoSite, runtime: str, seconds: float) -> Crawl:
+def start_slow_crawl(tmp_path: Path, demo_site: DemoSite, runtime: str, seconds: float,
+                     **settings: object) -> Crawl:
     count = 200
     crawl = Crawl(
         tmp_path,
@@ -25,6 +26,7 @@ def start_slow_crawl(tmp_path: Path, demo_site: DemoSite, runtime: str, seconds:
             "SPEEDUP_PROCESS_WORKERS": 2,
             "SPEEDUP_PROCESS_PIPELINES": "testproj.pipelines.FaultPipeline",
             "TEST_FAULTS": {str(i): f"sleep:{seconds}" for i in range(count)},
+            **settings,
         },
         args={"site": demo_site.url, "count": count},
     )
@@ -63,4 +65,76 @@ def test_ctrl_c_twice_exits_within_5_seconds(demo_site: DemoSite, runtime: str,
     result = crawl.result(timeout=30)
     assert time.monotonic() - stopped < 5, result.log
     assert "forced stop" in result.log
+    # Scrapy's own exit status for a forced stop (0, as without the add-on),
+    # not 142: the reactor doctor's alarm must not outlive the crawl.
+    assert result.returncode == 0, result.log
     assert not result.alive_descendants(grace=2)
+
+
+def test_ctrl_c_once_is_bounded_by_the_shutdown_timeout(demo_site: DemoSite,
+                                                        tmp_path: Path) -> None:
+    """Scrapy closes the spider only once every item in progress is done: a
+    task that never ends must not hold a graceful stop past the timeout."""
+    crawl = start_slow_crawl(tmp_path, demo_site, "asyncio", seconds=600,
+                             SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS=3)
+    crawl.wait_for_log(r"Crawled \(200\).*product/8\.html")
+    crawl.interrupt()
+    stopped = time.monotonic()
+    result = crawl.result(timeout=60)
+    assert time.monotonic() - stopped < 3 + 10, result.log
+    assert result.returncode == 0, result.log
+    assert result.stats["finish_reason"] == "shutdown"
+    assert "offloaded work has 3.0 s to finish" in result.log
+    assert "still queued or running 3.0 s after the crawl began to stop" in result.log
+    assert_process_stats_add_up(result)
+    assert result.stat("speedup/process/abandoned_count") >= 2
+    assert result.stat("speedup/process/succeeded_count") == 0
+    assert result.stat("test/item_error/PoolClosedError") >= 2
+    assert not result.alive_descendants()
+
+
+def test_ctrl_c_once_with_hung_blocking_calls_is_bounded(demo_site: DemoSite,
+                                                         tmp_path: Path) -> None:
+    crawl = Crawl(
+        tmp_path, spider="blocking",
+        settings={"SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 2, "SPEEDUP_THREAD_WORKERS": 4,
+                  "CONCURRENT_REQUESTS": 4, "LOG_LEVEL": "DEBUG",
+                  "TEST_FAULTS": {str(i): "hang" for i in range(100)}},
+        args={"site": demo_site.url, "count": 100, "mode": "call"},
+    )
+    crawl.wait_for_log(r"Crawled \(200\).*product/3\.html")
+    crawl.interrupt()
+    stopped = time.monotonic()
+    result = crawl.result(timeout=60)
+    assert time.monotonic() - stopped < 2 + 2 + 10, result.log
+    assert result.returncode == 0, result.log
+    assert result.stats["finish_reason"] == "shutdown"
+    s = result.stat
+    assert s("speedup/thread/abandoned_count") >= 1
+    assert s("speedup/thread/task_count") == (s("speedup/thread/succeeded_count")
+                                             + s("speedup/thread/error_count")
+                                             + s("speedup/thread/abandoned_count"))
+
+
+def test_ctrl_c_while_the_fork_server_starts(demo_site: DemoSite, tmp_path: Path) -> None:
+    """Ctrl-C signals the whole process group: the fork server, still
+    importing the pipelines' modules, must not die of it and take the
+    pool's start with it."""
+    crawl = Crawl(
+        tmp_path,
+        settings={"ITEM_PIPELINES": {"testproj.slow_import.SlowImportPipeline": 300},
+                  "SPEEDUP_PROCESS_PIPELINES": "testproj.slow_import.SlowImportPipeline",
+                  "SPEEDUP_PROCESS_WORKERS": 2, "TEST_PIPELINE_ENABLED": False},
+        args={"site": demo_site.url, "count": 20},
+    )
+    crawl.wait_for_log(r"Enabled item pipelines")
+    time.sleep(0.5)  # inside the fork server's 3 s import
+    crawl.interrupt()
+    result = crawl.result(timeout=60)
+    # Scrapy's own ending of a Ctrl-C while the spider opens: exit status 0
+    # (and no stats, as the spider never finished opening).
+    assert result.returncode == 0, result.log
+    assert "Traceback" not in result.log, result.log
+    assert "Could not start worker" not in result.log, result.log
+    assert_process_stats_add_up(result)
+    assert not result.alive_descendants()

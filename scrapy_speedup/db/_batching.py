@@ -1,188 +1,171 @@
-"""What the database pipelines share: rows from items, batches, commits, stats.
+"""What the database pipelines share on the reactor thread: batches, retries,
+the backstop, stats.
 
-An item is buffered as a row; rows are written and committed in batches of
-``SPEEDUP_DB_BATCH_SIZE``, or every ``SPEEDUP_DB_COMMIT_INTERVAL_SECONDS``, and
-at close. ``process_item`` returns only once the item's batch is committed, so
-an item counted as scraped is in the database: a graceful stop loses no row.
-A batch that fails is rolled back and written again row by row, so that only
-the rows the database refuses fail, each with the database's message.
+An item is checked and turned into a row when it arrives (``_values.py``):
+one the database could not take as it is fails there, alone. Rows are
+written and committed in batches of ``SPEEDUP_DB_BATCH_SIZE``, or every
+``SPEEDUP_DB_COMMIT_INTERVAL_SECONDS``, and at close, one batch at a time, on
+the pipeline's own writer thread (``_thread.py``) with its own connection
+(``_writing.py``). ``process_item`` returns only once the item's row is
+committed, so an item counted as scraped is in the database, once; every
+other item fails with a :exc:`DatabaseError` that says why.
+
+The database's own timeouts (``SPEEDUP_DB_TIMEOUT_SECONDS``: PostgreSQL's
+``statement_timeout`` and ``lock_timeout``, SQLite's busy timeout) end a
+statement that waits too long, so its outcome is known: the attempt fails as
+unavailable and the batch is retried, at most ``SPEEDUP_DB_RETRY_TIMES``
+times, after a growing delay. A statement that runs well past that timeout
+means a server or a network that does not answer: the backstop here
+interrupts it, then gives up on its connection and thread, and the batch
+goes on with a new connection; a commit that may have happened meanwhile is
+settled by asking the server (see ``_writing.py``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
+import random
+import threading
 import time
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from itemadapter import ItemAdapter
-
-from scrapy_speedup._bridge import Bridge
-from scrapy_speedup.config import SpeedupSettingsError
+from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.db._thread import WriterThread
+from scrapy_speedup.db._values import Row, to_row
+from scrapy_speedup.db._writing import Attempt, DatabaseWriter, Doubt, Refused, Unavailable
+from scrapy_speedup.exceptions import DatabaseError, SpeedupSettingsError
+from scrapy_speedup.extension import SpeedupExtension
 
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable
-    from contextlib import AbstractContextManager
 
     from scrapy.crawler import Crawler
     from twisted.internet.defer import Deferred
 
-    from scrapy_speedup._bridge import Timer
+    from scrapy_speedup._bridge import Bridge, Timer
+    from scrapy_speedup.db._thread import Job
 
-__all__ = [
-    "BatchingPipeline",
-    "DatabaseError",
-    "Row",
-    "batch_settings",
-    "required_setting",
-    "table_setting",
-    "to_row",
-]
+__all__ = ["BatchingPipeline", "DatabaseError", "backoff_s", "required_setting"]
 
 logger = logging.getLogger(__name__)
 
-Row = dict[str, Any]
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _STAT = "speedup/db/"
 
-
-class DatabaseError(Exception):
-    """The database refused an item; the message is the database's."""
-
-
-def to_row(item: Any) -> Row:
-    """A row from an item: scalars as they are, nested values as JSON text."""
-    row: Row = {}
-    for key, value in ItemAdapter(item).items():
-        if value is None or isinstance(value, (str, int, float, bool, bytes)):
-            row[key] = value
-        else:
-            row[key] = json.dumps(value, default=str, ensure_ascii=False)
-    return row
+#: Retries wait about 0.5 s, 1 s, 2 s, 4 s... at most 30 s, each shortened by
+#: up to half at random, so that crawls that lost the same server do not all
+#: come back at once. The default five retries wait ~8-15 s in all: enough
+#: for a server restart or a failover, short enough that a database that is
+#: gone for good fails its items within a minute.
+_BACKOFF_FIRST_S = 0.5
+_BACKOFF_MAX_S = 30.0
 
 
-def required_setting(crawler: Crawler, name: str, pipeline: str, hint: str) -> str:
-    value = crawler.settings.get(name)
+def backoff_s(retry: int) -> float:
+    """How long to wait before retry number *retry* (1, 2, ...)."""
+    delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2.0 ** (retry - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
+def backstop_margin_s(timeout_s: float) -> float:
+    """How long past SPEEDUP_DB_TIMEOUT_SECONDS a statement may run before
+    it is interrupted, and as long again before its connection is given up.
+    The database ends a statement at the timeout; one that runs on is on a
+    server or network that does not answer. Never under 2 s, so that a busy
+    machine is not taken for a dead server."""
+    return max(2.0, timeout_s)
+
+
+def required_setting(value: str | None, name: str, pipeline: str, hint: str) -> str:
     if not value:
         raise SpeedupSettingsError(f"{pipeline} needs {name}, {hint}")
-    return str(value)
+    return value
 
 
-def table_setting(crawler: Crawler, name: str) -> str:
-    table = str(crawler.settings.get(name) or "items")
-    if not _IDENTIFIER.match(table):
-        raise SpeedupSettingsError(
-            f"{name} ({table!r}) must be a plain table name: letters, digits and _,"
-            " not starting with a digit"
-        )
-    return table
+@dataclass(eq=False)
+class _Batch:
+    rows: list[Row]
+    waiters: list[asyncio.Future[Any] | Deferred[Any]]
+    #: Row index -> None (stored) or why it failed; missing: not known yet.
+    outcomes: dict[int, str | None] = field(default_factory=dict)
+    #: A commit whose outcome the next attempt must ask the server about.
+    doubt: Doubt | None = None
+
+    def pending(self) -> list[int]:
+        return [i for i in range(len(self.rows)) if i not in self.outcomes]
 
 
-def batch_settings(crawler: Crawler) -> tuple[int, float]:
-    settings = crawler.settings
-    try:
-        size = int(settings.get("SPEEDUP_DB_BATCH_SIZE") or 100)
-        interval = float(settings.get("SPEEDUP_DB_COMMIT_INTERVAL_SECONDS") or 1.0)
-    except ValueError as exc:
-        raise SpeedupSettingsError(f"SPEEDUP_DB_BATCH_SIZE / _INTERVAL: {exc}") from None
-    if size < 1 or interval <= 0:
-        raise SpeedupSettingsError(
-            f"SPEEDUP_DB_BATCH_SIZE ({size}) must be 1 or more and"
-            f" SPEEDUP_DB_COMMIT_INTERVAL_SECONDS ({interval}) more than 0"
-        )
-    return size, interval
+class BatchingPipeline:
+    """Buffers rows and writes them in batches, one batch at a time, on its
+    own writer thread, through a :class:`DatabaseWriter`."""
 
-
-class BatchingPipeline(ABC):
-    """Buffers rows and writes them in batches, one batch at a time, through
-    ``run_blocking`` (a thread); subclasses do the database work."""
-
-    #: Named in the message of a refused row: "SQLite refused the item: …".
-    database: ClassVar[str]
-    #: The driver's errors that mean "this row is refused" (set per instance
-    #: where the driver is an optional import).
-    refusals: tuple[type[Exception], ...]
-
-    def __init__(self, crawler: Crawler, batch_size: int, interval_s: float) -> None:
+    def __init__(self, crawler: Crawler, writer: DatabaseWriter) -> None:
         self.crawler = crawler
         self.stats = crawler.stats
-        self.batch_size = batch_size
-        self.interval_s = interval_s
+        self.writer = writer
+        self.name = type(self).__name__
+        config = SpeedupConfig.of(crawler)
+        self.config = config
+        self.batch_size = config.db_batch_size
+        self.interval_s = config.db_commit_interval_seconds
+        self.timeout_s = config.db_timeout_seconds
+        self.retry_times = config.db_retry_times
+        self.margin_s = backstop_margin_s(self.timeout_s)
+        try:
+            self._extension = SpeedupExtension.of(crawler)
+        except RuntimeError as exc:
+            raise SpeedupSettingsError(
+                f"{self.name} writes through scrapy-speedup's extension, which is missing: {exc}"
+            ) from None
+        self._thread: WriterThread | None = None
         self._pending: list[tuple[Row, asyncio.Future[Any] | Deferred[Any]]] = []
         self._oldest = 0.0  # when the oldest pending row arrived
         self._writing = False
         self._timer: Timer | None = None
         self._closing = False
         self._idle: asyncio.Future[Any] | Deferred[Any] | None = None
-        self._bridge: Bridge | None = None
+        self._counts = dict.fromkeys(
+            ("stored", "refused", "failed", "unavailable", "batches", "retries",
+             "reconnects", "doubts", "stuck"), 0,
+        )
 
     @property
     def bridge(self) -> Bridge:
-        if self._bridge is None:
-            self._bridge = Bridge()
-        return self._bridge
+        return self._extension.bridge
 
-    # -- what backends provide --------------------------------------------------
-
-    @abstractmethod
-    async def run_blocking(self, func: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking database call off the reactor thread."""
-
-    @abstractmethod
-    def connect(self) -> None:
-        """Blocking: open the connection."""
-
-    @abstractmethod
-    def add_columns(self, rows: list[Row]) -> None:
-        """Blocking: add the columns that *rows* have and the table lacks."""
-
-    @abstractmethod
-    def transaction(self) -> AbstractContextManager[Any]:
-        """A transaction: committed on exit, rolled back on an exception."""
-
-    @abstractmethod
-    def insert(self, row: Row) -> None:
-        """Blocking: insert one row, in the current transaction."""
-
-    def write(self, rows: list[Row]) -> list[str | None]:
-        """Blocking: insert and commit *rows* in one transaction; if the
-        database refuses it, again row by row, so that only the rows at fault
-        fail. Return an error message or None for each row."""
-        self.add_columns(rows)
-        try:
-            with self.transaction():
-                for row in rows:
-                    self.insert(row)
-            return [None] * len(rows)
-        except self.refusals:
-            pass
-        errors: list[str | None] = []
-        for row in rows:
-            try:
-                with self.transaction():
-                    self.insert(row)
-                errors.append(None)
-            except self.refusals as exc:
-                errors.append(f"{self.database} refused the item: {str(exc).strip()}")
-        return errors
-
-    @abstractmethod
-    def disconnect(self) -> None:
-        """Blocking: close the connection."""
+    def _count(self, name: str, stat: str, value: int = 1) -> None:
+        self._counts[name] += value
+        self.stats.inc_value(_STAT + stat, value)
 
     # -- the pipeline -----------------------------------------------------------
 
     async def open_spider(self) -> None:
-        await self.run_blocking(self.connect)
+        self._thread = WriterThread(
+            self.bridge, f"scrapy-speedup-{self.writer.database.lower()}-writer"
+        )
+        try:
+            await self._write(_Batch([], []), opening=True)
+        except BaseException:
+            await self._thread.close(0)
+            raise
+        logger.info(
+            "%s writes to the table %r in batches of %d, committed at least every %s s"
+            " (database timeout %s s, %d retries)",
+            self.name, self.writer.table, self.batch_size, self.interval_s, self.timeout_s,
+            self.retry_times, extra={"crawler": self.crawler},
+        )
 
     async def process_item(self, item: Any) -> Any:
+        try:
+            row = to_row(item, self.writer.dialect)
+        except DatabaseError:
+            self._count("refused", "refused_item_count")
+            raise
         waiter = self.bridge.new_waiter()
         if not self._pending:
             self._oldest = time.monotonic()
-        self._pending.append((to_row(item), waiter))
+        self._pending.append((row, waiter))
         if len(self._pending) >= self.batch_size:
             self._flush()
         else:
@@ -198,7 +181,25 @@ class BatchingPipeline(ABC):
             self._idle = self.bridge.new_waiter()
             self._flush()
             await self._idle
-        await self.run_blocking(self.disconnect)
+        if self._thread is not None:
+            try:
+                await self._run(Attempt([], []), self.writer.disconnect)
+            except Exception as exc:  # noqa: BLE001 - closing: every row is settled
+                logger.warning("%s: closing the connection failed: %s", self.name, exc,
+                               extra={"crawler": self.crawler})
+            await self._thread.close(self.config.shutdown_timeout_seconds)
+        c = self._counts
+        logger.info(
+            "%s: %d items stored, %d failed (%d refused before reaching %s, %d while it was"
+            " unavailable, %d refused by it); %d batches, %d retries, %d reconnections,"
+            " %d in-doubt commits checked, %d stuck writes given up",
+            self.name, c["stored"], c["refused"] + c["failed"], c["refused"],
+            self.writer.database, c["unavailable"], c["failed"] - c["unavailable"],
+            c["batches"], c["retries"], c["reconnects"], c["doubts"], c["stuck"],
+            extra={"crawler": self.crawler},
+        )
+
+    # -- batches --------------------------------------------------------------
 
     def _start_timer(self) -> None:
         # Ticks at least every 0.5 s: items wait for their commit, and the
@@ -229,18 +230,24 @@ class BatchingPipeline(ABC):
 
         deferred_from_coro(self._write_batch(batch))
 
-    async def _write_batch(self, batch: list[tuple[Row, Any]]) -> None:
+    async def _write_batch(self, items: list[tuple[Row, Any]]) -> None:
         started = time.monotonic()
+        batch = _Batch([row for row, _ in items], [waiter for _, waiter in items])
         try:
-            errors = await self.run_blocking(self.write, [row for row, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - the whole batch failed (connection lost)
-            logger.error("Writing a batch of %d rows failed: %s", len(batch), exc,
-                         extra={"crawler": self.crawler})
-            errors = [f"{type(exc).__name__}: {exc}"] * len(batch)
-        self.stats.inc_value(_STAT + "batch_count")
+            await self._write(batch)
+        except Exception as exc:  # a bug must not leave items waiting
+            logger.error("%s: writing a batch of %d rows failed unexpectedly", self.name,
+                         len(items), exc_info=True, extra={"crawler": self.crawler})
+            for i in batch.pending():
+                batch.outcomes[i] = f"{self.name} failed unexpectedly: {type(exc).__name__}: {exc}"
+        self._count("batches", "batch_count")
         self.stats.max_value(_STAT + "batch_seconds_max", round(time.monotonic() - started, 3))
-        for (_, waiter), error in zip(batch, errors, strict=True):
-            self.stats.inc_value(_STAT + ("row_error_count" if error else "row_count"))
+        for i, waiter in enumerate(batch.waiters):
+            error = batch.outcomes[i]
+            if error is None:
+                self._count("stored", "row_count")
+            else:
+                self._count("failed", "row_error_count")
             self.bridge.resolve(waiter, error)
         self._writing = False
         if len(self._pending) >= self.batch_size or (self._closing and self._pending):
@@ -250,12 +257,158 @@ class BatchingPipeline(ABC):
         if self._idle is not None and not self._pending and not self._writing:
             self.bridge.resolve(self._idle, None)
 
-    @staticmethod
-    def new_columns(rows: list[Row], known: set[str]) -> dict[str, Any]:
-        """Columns the rows have that the table lacks, each with a sample value."""
-        new: dict[str, Any] = {}
-        for row in rows:
-            for key, value in row.items():
-                if key not in known and (key not in new or new[key] is None):
-                    new[key] = value
-        return new
+    async def _write(self, batch: _Batch, *, opening: bool = False) -> None:
+        """Attempt the batch until every row has an outcome: retried while
+        the database is unavailable, at most SPEEDUP_DB_RETRY_TIMES times."""
+        started = time.monotonic()
+        retry = 0
+        while True:
+            attempt = Attempt(batch.rows, batch.pending(), batch.doubt)
+            try:
+                await self._run(attempt, self.writer.attempt)
+            except Unavailable as exc:
+                self._merge(batch, attempt)
+                if not batch.pending() and not opening:
+                    return
+                if retry >= self.retry_times:
+                    self._give_up_batch(batch, str(exc), retry, time.monotonic() - started,
+                                        opening)
+                    return
+                retry += 1
+                delay = backoff_s(retry)
+                self._count("retries", "retry_count")
+                logger.warning(
+                    "%s is unavailable (%s): %s in %.1f s (retry %d of %d)",
+                    self.writer.database, exc,
+                    "connecting again" if opening
+                    else f"writing {len(batch.pending())} items again",
+                    delay, retry, self.retry_times, extra={"crawler": self.crawler},
+                )
+                await self._sleep(delay)
+                continue
+            except Refused as exc:
+                if not opening:
+                    raise  # an attempt settles refused rows itself: a bug
+                raise DatabaseError(
+                    f"{self.name} cannot use the table {self.writer.table!r}: {exc}"
+                ) from None
+            self._merge(batch, attempt)
+            for i in batch.pending():  # every attempt that returns settles all
+                batch.outcomes[i] = f"{self.name} did not write this item (a bug: please report)"
+            return
+
+    def _merge(self, batch: _Batch, attempt: Attempt) -> None:
+        with attempt.lock:  # the thread of an abandoned attempt may still run
+            batch.outcomes.update(attempt.settled)
+            if attempt.doubt_settled:
+                batch.doubt = None
+            doubt = attempt.open_doubt
+            checked, reconnected = attempt.doubt_checked, attempt.reconnected
+        if checked:
+            self._count("doubts", "in_doubt_count")
+        if reconnected:
+            self._count("reconnects", "reconnect_count")
+        if doubt is None:
+            return
+        if doubt.xid is not None:
+            batch.doubt = doubt
+            return
+        for i in doubt.indices:  # abandoned mid-commit, and no server to ask
+            batch.outcomes.setdefault(i, (
+                f"{self.writer.database} did not answer while these items were being"
+                " committed, and its connection was given up: they may be stored"
+            ))
+
+    def _give_up_batch(
+        self, batch: _Batch, reason: str, retries: int, seconds: float, opening: bool
+    ) -> None:
+        message = (
+            f"{self.writer.database} stayed unavailable through {retries} retries over"
+            f" {seconds:.1f} s (SPEEDUP_DB_RETRY_TIMES={self.retry_times}): {reason}"
+        )
+        if opening:
+            raise DatabaseError(f"{self.name} cannot connect: {message}")
+        in_doubt = set(batch.doubt.indices) if batch.doubt is not None else set()
+        pending = batch.pending()
+        for i in pending:
+            batch.outcomes[i] = message + (
+                "; the connection was lost while this item was being committed, and"
+                " whether it was could not be checked: it may be stored"
+                if i in in_doubt else ""
+            )
+            self._count("unavailable", "unavailable_item_count")
+        logger.error("%s: %d items failed: %s", self.name, len(pending),
+                     message, extra={"crawler": self.crawler})
+
+    async def _sleep(self, seconds: float) -> None:
+        waiter = self.bridge.new_waiter()
+        self.bridge.call_later(seconds, self.bridge.resolve, waiter, None)
+        await waiter
+
+    # -- the writer thread and its backstop -------------------------------------
+
+    async def _run(self, attempt: Attempt, func: Callable[[Attempt], Any]) -> Any:
+        """``func(attempt)`` on the writer thread, watched: a statement that
+        runs past the timeout by the margin is interrupted, and by twice the
+        margin given up on (Unavailable)."""
+        assert self._thread is not None
+        job = self._thread.submit(func, attempt)
+        every = min(1.0, self.timeout_s / 4)
+        timer: Timer | None = None
+
+        def check() -> None:
+            nonlocal timer
+            timer = None
+            if job.done or job.given_up:
+                return
+            since = attempt.busy_since
+            if since is not None:
+                late = time.monotonic() - since - self.timeout_s
+                if late > 2 * self.margin_s:
+                    self._give_up(job, attempt, late + self.timeout_s)
+                    return
+                if late > self.margin_s and not attempt.interrupted:
+                    attempt.interrupted = True
+                    self._interrupt(attempt, late + self.timeout_s)
+            timer = self.bridge.call_later(every, check)
+
+        timer = self.bridge.call_later(every, check)
+        try:
+            return await job.waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _interrupt(self, attempt: Attempt, seconds: float) -> None:
+        logger.warning(
+            "%s has not answered a statement for %.1f s, past SPEEDUP_DB_TIMEOUT_SECONDS"
+            " (%s s): interrupting it", self.writer.database, seconds, self.timeout_s,
+            extra={"crawler": self.crawler},
+        )
+        conn = attempt.conn
+        if conn is None:
+            return
+
+        def interrupt() -> None:
+            try:
+                self.writer.interrupt(conn)
+            except Exception as exc:  # noqa: BLE001 - the backstop gives up next
+                logger.debug("interrupting %s failed: %s", self.writer.database, exc)
+
+        # In a thread of its own: a PostgreSQL cancel request opens a connection.
+        threading.Thread(target=interrupt, name=f"{self.name}-interrupt", daemon=True).start()
+
+    def _give_up(self, job: Job, attempt: Attempt, seconds: float) -> None:
+        assert self._thread is not None
+        attempt.abandon()
+        self.writer.forget(attempt.conn)
+        self._count("stuck", "stuck_count")
+        reason = (
+            f"{self.writer.database} did not answer a statement for {seconds:.1f} s, even"
+            " when interrupted: its connection was given up"
+        )
+        logger.warning(
+            "%s; its thread is left behind, and the batch goes on with a new connection",
+            reason, extra={"crawler": self.crawler},
+        )
+        self._thread.give_up(job, Unavailable(reason))

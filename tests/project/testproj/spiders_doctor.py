@@ -2,7 +2,8 @@
 
 ``blocker`` says which one blocks, for ``ms`` on every ``every``-th page:
 ``parse`` (CPU work in the spider callback, in a helper function),
-``pipeline`` (SleepyPipeline sleeps in process_item), ``middleware``
+``pipeline`` (SleepyPipeline sleeps in process_item), ``pipeline_cpu``
+(CpuPipeline hashes in process_item), ``middleware``
 (HashingMiddleware hashes in process_response), ``spidermw``
 (CheckingSpiderMiddleware in process_spider_output), ``extension``
 (a signal handler of TallyExtension), ``none``.
@@ -30,7 +31,8 @@ def burn_cpu(ms: float) -> int:
 class DoctorSpider(scrapy.Spider):
     name = "doctor"
     custom_settings = {
-        "ITEM_PIPELINES": {"testproj.spiders_doctor.SleepyPipeline": 300},
+        "ITEM_PIPELINES": {"testproj.spiders_doctor.SleepyPipeline": 300,
+                           "testproj.spiders_doctor.CpuPipeline": 310},
         "DOWNLOADER_MIDDLEWARES": {"testproj.spiders_doctor.HashingMiddleware": 543},
         "SPIDER_MIDDLEWARES": {"testproj.spiders_doctor.CheckingSpiderMiddleware": 543},
         "EXTENSIONS": {"testproj.stats.ItemOutcomes": 0,
@@ -71,6 +73,16 @@ class SleepyPipeline(_Component):
         spider = self.crawler.spider
         if spider.blocks(item["id"], "pipeline"):
             time.sleep(spider.ms / 1000)
+        return item
+
+
+class CpuPipeline(_Component):
+    """A pipeline with CPU work on its items (say, a text signature)."""
+
+    def process_item(self, item):
+        spider = self.crawler.spider
+        if spider.blocks(item["id"], "pipeline_cpu"):
+            burn_cpu(spider.ms)
         return item
 
 

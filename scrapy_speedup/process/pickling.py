@@ -7,6 +7,7 @@ report the path to the smallest part that fails on its own.
 
 from __future__ import annotations
 
+import io
 import pickle
 from typing import Any
 
@@ -14,7 +15,7 @@ from itemadapter import ItemAdapter
 
 from scrapy_speedup.exceptions import UnpicklableError
 
-__all__ = ["call_parts", "dumps", "dumps_message", "loads"]
+__all__ = ["call_parts", "dumps", "dumps_parts", "loads", "loads_named"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 # Deep enough for nested items; the walk only happens after a failure.
@@ -77,26 +78,61 @@ def dumps(obj: Any, what: str) -> bytes:
         raise UnpicklableError(f"{what}: {_locate(obj, exc)}") from exc
 
 
-def dumps_message(op: str, parts: list[tuple[str, Any]]) -> bytes:
-    """Pickle ``(op, *values)``; on failure name the first part that fails.
+def dumps_parts(message: Any, parts: list[tuple[str, Any]]) -> bytes:
+    """Pickle *message*; on failure name the first of its *parts* that fails.
 
-    *parts* pairs each value with what it is to the user, e.g.
-    ``("argument 0 of parse_page()", response)``.
+    *parts* pairs each value inside the message with what it is to the user,
+    e.g. ``("the arguments of parse_page()", args)``.
     """
     try:
-        return pickle.dumps((op, *(value for _, value in parts)), protocol=_PROTOCOL)
+        return pickle.dumps(message, protocol=_PROTOCOL)
     except Exception as exc:
         for what, value in parts:
             part_error = _fails(value)
             if part_error is not None:
                 raise UnpicklableError(f"{what}: {_locate(value, part_error)}") from exc
-        raise UnpicklableError(f"the task {op!r}: {exc}") from exc
+        raise UnpicklableError(f"{parts[0][0] if parts else 'the task'}: {exc}") from exc
+
+
+class _NamingUnpickler(pickle.Unpickler):
+    """Remembers the last class it looked up: when rebuilding an object
+    fails, that is the class whose rebuilding failed."""
+
+    last: str = ""
+
+    def find_class(self, module: str, name: str) -> Any:
+        self.last = f"{module}.{name}"
+        return super().find_class(module, name)
+
+
+def loads_named(data: bytes | memoryview, what: str) -> Any:
+    """Unpickle *data*; on failure raise :exc:`UnpicklableError` naming *what*
+    it is and the class that could not be rebuilt.
+
+    The classic case: an exception class whose ``__init__`` takes required
+    arguments pickles fine but cannot be rebuilt from its ``args``.
+    """
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        unpickler = _NamingUnpickler(io.BytesIO(data))
+        try:
+            unpickler.load()
+        except Exception:  # noqa: BLE001 - the same failure, now with a name
+            pass
+        culprit = f"rebuilding a {unpickler.last} failed: " if unpickler.last else ""
+        raise UnpicklableError(
+            f"{what} cannot be unpickled in the crawl: {culprit}{type(exc).__name__}: {exc}"
+            " (a class whose __init__ takes arguments that are not in its pickled"
+            " state, such as an exception with required arguments, needs a"
+            " __reduce__ method)"
+        ) from exc
 
 
 def call_parts(
     func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str
 ) -> list[tuple[str, Any]]:
-    """The parts of a call, named for :func:`dumps_message`."""
+    """The parts of a call, named for :func:`dumps_parts`."""
     return [
         (f"the function {name}", func),
         (f"the arguments of {name}()", args),

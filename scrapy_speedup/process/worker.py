@@ -1,38 +1,46 @@
 """What runs inside a worker process of the process pool.
 
-A worker talks to the crawl over one socket (a ``multiprocessing`` duplex
-``Connection``). Frames from the crawl are tasks, ``seq`` (8 bytes) followed
-by the pickled task, and an empty frame asks the worker to stop. Frames to
-the crawl start with one byte that says what follows:
-
-* ``I`` the worker started: pickled ``None``, or the traceback of the pipeline
-  that failed to start;
-* ``R`` a result: ``seq`` then the pickled outcome (see :func:`run_task`);
-* ``L`` a pickled log record, logged by the crawl as its own;
-* ``S`` pickled stats changes made outside any task (``close_spider``).
-
-Tasks and results cross as pickled bytes so that a pickling error names the
-argument or field that failed (see ``_pickling``).
+A worker talks to the crawl over one socket with the messages of
+:mod:`~scrapy_speedup.process.protocol`: it says :class:`Started`, then runs
+each :class:`Task` it receives and answers with a :class:`Result`, forwarding
+its log records (:class:`Log`) as it goes, until :class:`Stop` or the crawl's
+end of the socket closes; then it closes the pipelines it runs and sends
+their stats changes (:class:`Stats`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import logging
 import os
 import pickle
 import signal
-import struct
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from scrapy import signals
 from scrapy.statscollectors import MemoryStatsCollector
 
-from scrapy_speedup import _pickling
 from scrapy_speedup.exceptions import UnpicklableError
+from scrapy_speedup.process import pickling
+from scrapy_speedup.process.protocol import (
+    Call,
+    Log,
+    Message,
+    Outcome,
+    ProcessItem,
+    Result,
+    Started,
+    Stats,
+    StatsOp,
+    Stop,
+    Task,
+    decode,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -40,25 +48,9 @@ if TYPE_CHECKING:
     from scrapy import Spider
     from scrapy.crawler import Crawler
 
-__all__ = ["SEQ", "PipelineSpec", "WorkerSpec", "main", "run_task"]
+__all__ = ["PipelineSpec", "WorkerSpec", "current", "main", "run_task"]
 
 logger = logging.getLogger(__name__)
-
-#: The task number that heads task and result frames.
-SEQ = struct.Struct("!Q")
-
-# Result statuses.
-OK = "ok"
-ERROR = "error"
-
-# Frame kinds, worker to crawl.
-STARTED = b"I"
-RESULT = b"R"
-LOG = b"L"
-STATS = b"S"
-
-# Stats operations recorded in the worker and replayed on the crawl's stats.
-StatsOp = tuple[str, str, Any]
 
 
 @dataclass
@@ -81,6 +73,7 @@ class WorkerSpec:
     # cost per task.
     progress: Any
     log_level: int
+    max_message_bytes: int
     pipelines: PipelineSpec | None = None
 
 
@@ -119,13 +112,20 @@ class _Channel:
     """The worker's end of the socket; sends are locked because user code may
     log from threads of its own."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, max_bytes: int) -> None:
         self.conn = conn
+        #: The largest message the crawl takes; a larger one ends the worker.
+        self.max_bytes = max_bytes - 64  # the frame's header, the task number
         self._lock = threading.Lock()
 
-    def send(self, kind: bytes, payload: bytes) -> None:
+    def send(self, message: Message) -> None:
+        data = message.encode()
+        if len(data) > self.max_bytes:
+            # Callers make their messages fit (results, logs, stats): one
+            # that does not is a bug here, not a reason to end the worker.
+            raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes")
         with self._lock:
-            self.conn.send_bytes(kind + payload)
+            self.conn.send_bytes(data)
 
 
 class _LogHandler(logging.Handler):
@@ -147,10 +147,22 @@ class _LogHandler(logging.Handler):
             clean = logging.makeLogRecord(
                 {k: v for k, v in record.__dict__.items() if k in self._KEEP}
             )
+            # A record too big to send is cut, not dropped: a huge log line
+            # must cost neither the worker nor its task.
+            room = self.channel.max_bytes // 2 - 4096
+            if len(message) + len(clean.exc_text or "") > room:
+                message = _cut(message, room)
+                clean.exc_text = _cut(clean.exc_text or "", room // 4) or None
             clean.msg, clean.args, clean.exc_info = f"[worker {os.getpid()}] {message}", None, None
-            self.channel.send(LOG, pickle.dumps(clean))
+            self.channel.send(Log(pickle.dumps(clean)))
         except Exception:  # noqa: BLE001 - logging must never break the task
             self.handleError(record)
+
+
+def _cut(text: str, room: int) -> str:
+    if len(text) <= room:
+        return text
+    return f"{text[: max(0, room)]}... [cut: {len(text)} characters in all]"
 
 
 @dataclass
@@ -164,56 +176,72 @@ class _State:
     item_args: list[tuple[Any, ...]] = field(default_factory=list)
 
 
+#: This worker's state; fault-injection tests reach the socket through it.
+current: _State | None = None
+
+
 def main(conn: Connection, spec: WorkerSpec, index: int) -> None:
     """The worker process: start, run tasks until asked to stop, close."""
+    global current  # noqa: PLW0603 - one worker per process
     # Ctrl-C in a terminal signals the whole process group; the crawl decides
     # how it stops, and the worker must finish the task it has.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    channel = _Channel(conn)
+    channel = _Channel(conn, spec.max_message_bytes)
     root = logging.getLogger()
     for handler in root.handlers[:]:
         root.removeHandler(handler)
     root.addHandler(_LogHandler(channel))
     root.setLevel(spec.log_level)
-    state = _State(spec, channel)
+    state = current = _State(spec, channel)
     init_error = None
     if spec.pipelines is not None:
         try:
             _open_pipelines(state, spec.pipelines)
         except Exception:  # noqa: BLE001 - reported to the crawl, which stops
             init_error = traceback.format_exc()
-    channel.send(STARTED, pickle.dumps(init_error))
+    channel.send(Started(init_error))
     if init_error is not None:
         return
     progress = spec.progress
+    reason = "finished"
     while True:
         try:
-            frame = conn.recv_bytes()
-        except (EOFError, OSError):  # the crawl is gone
+            # A frame over the limit raises OSError: the crawl never sends
+            # one, so the channel is broken, as when the crawl is gone.
+            message = decode(conn.recv_bytes(spec.max_message_bytes))
+        except (EOFError, OSError):
             return
-        if not frame:
+        if isinstance(message, Stop):
+            reason = message.reason
             break
-        (seq,) = SEQ.unpack_from(frame)
-        progress[2 * index] = seq
+        if not isinstance(message, Task):
+            logger.error("Unexpected %s from the crawl; stopping", type(message).__name__)
+            return
+        progress[2 * index] = message.seq
         progress[2 * index + 1] = time.monotonic()
-        outcome = run_task(state, memoryview(frame)[SEQ.size :])
-        channel.send(RESULT, SEQ.pack(seq) + outcome)
-    _close_pipelines(state)
+        channel.send(Result(message.seq, run_task(state, message.body)))
+    _close_pipelines(state, reason)
 
 
 def _call(state: _State, method: Any, *args: Any) -> Any:
     """Call a pipeline method that may be sync, a coroutine or a Deferred."""
+    return _settled(state, method(*args), getattr(method, "__qualname__", repr(method)))
+
+
+def _settled(state: _State, result: Any, what: str) -> Any:
+    """The value of *result*: a coroutine is run to its end on the worker's
+    own loop, a Deferred must already have fired."""
     from twisted.internet.defer import Deferred
 
-    result = method(*args)
-    if asyncio.iscoroutine(result):
+    # Not asyncio.iscoroutine: in 3.11 it takes a plain generator for one.
+    if isinstance(result, collections.abc.Coroutine):
         if state.loop is None:
             state.loop = asyncio.new_event_loop()
         return state.loop.run_until_complete(result)
     if isinstance(result, Deferred):
         if not result.called:
             raise RuntimeError(
-                f"{method.__qualname__}() returned a Deferred that needs the"
+                f"{what}() returned a Deferred that needs the"
                 " reactor; worker processes run no reactor. Make it a plain or"
                 " async def method, or leave it out of SPEEDUP_PROCESS_PIPELINES."
             )
@@ -262,9 +290,29 @@ def _open_pipelines(state: _State, spec: PipelineSpec) -> None:
         state.item_args.append(
             _spider_args(pipeline.process_item, spider) if pipeline is not None else ()
         )
+    # As in the crawl, after the pipelines opened: a pipeline that connects
+    # to spider_opened / spider_closed in from_crawler (to open a file, to
+    # flush a buffer) gets them in the worker that built it.
+    _send_signal(state, signals.spider_opened, spider=spider)
 
 
-def _close_pipelines(state: _State) -> None:
+def _send_signal(state: _State, signal_: object, **kwargs: Any) -> None:
+    """Send a Scrapy signal to the handlers connected in this worker,
+    running async handlers to their end (there is no reactor here)."""
+    from pydispatch.dispatcher import getAllReceivers, liveReceivers
+    from pydispatch.robustapply import robustApply
+
+    assert state.crawler is not None
+    sender = state.crawler.signals.sender
+    for receiver in liveReceivers(getAllReceivers(sender, signal_)):
+        name = getattr(receiver, "__qualname__", repr(receiver))
+        try:
+            _settled(state, robustApply(receiver, signal=signal_, sender=sender, **kwargs), name)
+        except Exception:
+            logger.exception("Error in the signal handler %s in a worker process", name)
+
+
+def _close_pipelines(state: _State, reason: str) -> None:
     if state.crawler is None:
         return
     spider = state.crawler.spider
@@ -276,56 +324,104 @@ def _close_pipelines(state: _State) -> None:
             _call(state, pipeline.close_spider, *_spider_args(pipeline.close_spider, spider))
         except Exception:
             logger.exception("Error in %s.close_spider()", type(pipeline).__qualname__)
+    _send_signal(state, signals.spider_closed, spider=spider, reason=reason)
     stats = state.crawler.stats
     assert isinstance(stats, _RecordingStats)
-    ops = stats.take_ops()
+    ops = _sendable_ops(stats.take_ops(), state.channel.max_bytes - 1024)
     if ops:
-        state.channel.send(STATS, pickle.dumps(ops))
+        state.channel.send(Stats(pickle.dumps(ops)))
 
 
-def _error_payload(exc: BaseException) -> tuple[BaseException | None, str, str, str]:
-    tb = "".join(traceback.format_exception(exc))
-    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+def _sendable_ops(ops: list[StatsOp], room: int) -> list[StatsOp]:
+    """The stats changes that pickle, within *room* bytes in all; each one
+    left out is logged (its key named), so that one odd value costs that
+    value only, never the task that set it."""
+    kept: list[StatsOp] = []
+    size = 0
+    for op in ops:
+        try:
+            data = pickle.dumps(op)
+        except Exception as exc:  # noqa: BLE001 - any pickling error means "leave it"
+            logger.warning(
+                "Stats change %s(%r) in a worker not sent to the crawl: its value, a %s,"
+                " cannot be pickled (%s)", op[0], op[1], type(op[2]).__qualname__, exc,
+            )
+            continue
+        if size + len(data) > room:
+            logger.warning(
+                "Stats change %s(%r) in a worker not sent to the crawl: over"
+                " SPEEDUP_PROCESS_MAX_MESSAGE_MB with the others", op[0], op[1],
+            )
+            continue
+        size += len(data)
+        kept.append(op)
+    return kept
+
+
+def _error_outcome(exc: BaseException, seconds: float, ops: list[StatsOp]) -> Outcome:
     try:
-        exc_copy = _pickling.loads(_pickling.dumps(exc, "the exception"))
-    except Exception:  # noqa: BLE001 - the crawl rebuilds a generic error
-        exc_copy = None
-    return exc_copy, kind, str(exc), tb
+        # Only an exception that survives the round trip is sent as itself;
+        # the crawl rebuilds a generic error from the type name otherwise.
+        value = pickling.dumps(exc, "the exception")
+        pickling.loads(value)
+    except Exception:  # noqa: BLE001 - any failure means "send it by name"
+        value = b""
+    return Outcome(
+        ok=False,
+        value=value,
+        seconds=seconds,
+        stats=ops,
+        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        error_message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
 
 
-def run_task(state: _State, payload: memoryview) -> bytes:
-    """Run one task; return pickled ``(status, value, stats_ops, seconds)``.
-
-    For ``OK`` the value is itself pickled bytes, so that an error's path
-    starts at the value; for ``ERROR`` it is ``(exception or None, type name,
-    message, traceback text)``.
-    """
-    op, *data = _pickling.loads(payload)
+def run_task(state: _State, body: bytes) -> bytes:
+    """Run one task; return its pickled :class:`Outcome`."""
     started = time.perf_counter()
     what = "the result"
     try:
-        if op == "call":
-            func, args, kwargs = data
-            func = getattr(func, "__speedup_wrapped__", func)
+        task = pickling.loads(body)
+        if isinstance(task, Call):
+            func = getattr(task.func, "__speedup_wrapped__", task.func)
             what = f"the result of {getattr(func, '__qualname__', func)}()"
-            value = func(*args, **kwargs)
-        else:  # "item"
-            index, item = data
-            pipeline = state.pipelines[index]
+            value = func(*task.args, **task.kwargs)
+        elif isinstance(task, ProcessItem):
+            pipeline = state.pipelines[task.pipeline]
             if pipeline is None:  # disabled by NotConfigured in the worker
-                value = item
+                value = task.item
             else:
                 what = f"the item returned by {type(pipeline).__qualname__}.process_item()"
-                value = _call(state, pipeline.process_item, item, *state.item_args[index])
-        status: str = OK
-    except Exception as exc:  # noqa: BLE001 - every error goes to the crawl
-        status, value = ERROR, _error_payload(exc)
-    elapsed = time.perf_counter() - started
+                value = _call(
+                    state, pipeline.process_item, task.item, *state.item_args[task.pipeline]
+                )
+        else:
+            raise TypeError(f"a task must be a Call or a ProcessItem, not {type(task)!r}")
+        error: BaseException | None = None
+    # Everything the task raises is its outcome, SystemExit and
+    # KeyboardInterrupt included: the worker must not die of it (which
+    # would retry the task as if the worker had crashed).
+    except BaseException as exc:  # noqa: BLE001
+        error = exc
+    seconds = time.perf_counter() - started
     stats = state.crawler.stats if state.crawler is not None else None
     ops = stats.take_ops() if isinstance(stats, _RecordingStats) else []
-    if status == OK:
+    if ops:
+        ops = _sendable_ops(ops, state.channel.max_bytes // 4)
+    if error is None:
         try:
-            value = _pickling.dumps(value, what)
+            outcome = Outcome(ok=True, value=pickling.dumps(value, what), seconds=seconds,
+                              stats=ops)
         except UnpicklableError as exc:
-            status, value = ERROR, _error_payload(exc)
-    return _pickling.dumps((status, value, ops, elapsed), "the task's outcome")
+            error = exc
+    if error is not None:
+        outcome = _error_outcome(error, seconds, ops)
+    data = pickling.dumps(outcome, "the task's outcome")
+    if len(data) > state.channel.max_bytes:
+        too_big = UnpicklableError(
+            f"{what} is {len(data) / 2**20:.1f} MB pickled, over"
+            f" SPEEDUP_PROCESS_MAX_MESSAGE_MB ({state.spec.max_message_bytes / 2**20:g})"
+        )
+        data = pickling.dumps(_error_outcome(too_big, seconds, []), "the task's outcome")
+    return data
