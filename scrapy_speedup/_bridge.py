@@ -162,6 +162,23 @@ class Bridge:
             return self._loop.call_later(delay, func, *args)
         return call_later(delay, func, *args)
 
+    def call_in_new_thread(
+        self, func: Callable[[], Any], name: str,
+        done: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        """Run a blocking *func* on a new daemon thread, then
+        ``done(result, error)`` on the reactor thread."""
+
+        def target() -> None:
+            try:
+                result = func()
+            except BaseException as exc:  # noqa: BLE001 - handed to done()
+                self.call_from_thread(done, None, exc)
+            else:
+                self.call_from_thread(done, result, None)
+
+        threading.Thread(target=target, name=name, daemon=True).start()
+
     def run_in_new_thread(
         self, func: Callable[[], Any], name: str
     ) -> asyncio.Future[Any] | Deferred[Any]:

@@ -84,8 +84,7 @@ __all__ = ["AdaptiveConcurrencyMiddleware", "retry_after_seconds"]
 logger = logging.getLogger(__name__)
 
 # Scrapy >= 2.14 raises its own DownloadTimeoutError; older versions raise
-# Twisted's (finding 11: only Twisted's were counted, so timeouts never
-# lowered the limit).
+# Twisted's.
 _TIMEOUTS: tuple[type[BaseException], ...] = (TimeoutError, TCPTimedOutError)
 try:
     from scrapy.exceptions import DownloadTimeoutError

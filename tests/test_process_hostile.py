@@ -110,8 +110,9 @@ async def test_the_crawl_waits_for_a_busy_pool_instead_of_piling_up_pages() -> N
     assert ids(run) == list(range(300))
     assert run.stat("speedup/process/backpressure_count") >= 1
     # In the workers (4) + the queue's high mark (8) + what the downloader
-    # had in flight when the engine paused (32), and a margin.
-    assert max(waiting) <= 4 + 8 + 32 + 8, max(waiting)
+    # had in flight when it was held (32), and a margin for responses still
+    # on their way to the pool on a busy machine; without backpressure, hundreds.
+    assert max(waiting) <= 4 + 8 + 32 + 16, max(waiting)
 
 
 @inprocess

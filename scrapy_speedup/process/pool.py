@@ -16,9 +16,9 @@ Data flow::
 
 Each worker is a ``multiprocessing`` process (``forkserver`` or ``spawn``)
 with one socket to the crawl, which the reactor watches like any other
-connection. ``concurrent.futures.ProcessPoolExecutor`` was the first design;
-it cost the crawl ~0.4 ms of CPU and three thread hand-offs per task
-(docs/design.rst). Owning the sockets also makes faults exact:
+connection, rather than ``concurrent.futures.ProcessPoolExecutor``, whose
+helper threads compete with a busy reactor for the GIL (docs/design.rst).
+Owning the sockets also makes faults exact:
 
 * **Bounded in-flight, and backpressure on the crawl.** At most
   ``SPEEDUP_PROCESS_MAX_IN_FLIGHT`` tasks are in the workers; the rest wait in
@@ -206,6 +206,8 @@ class ProcessPool:
         self._backlog_high = _BACKLOG_HIGH_PER_SLOT * self._max_in_flight
         self._backlog_low = _BACKLOG_LOW_PER_SLOT * self._max_in_flight
         self._workers: list[_Worker | None] = [None] * n
+        # Workers whose process is being started, by index (see _spawn).
+        self._starting: dict[int, BaseProcess] = {}
         self._queue: deque[_Task] = deque()
         self._in_flight = 0
         self._seq = 0
@@ -246,29 +248,47 @@ class ProcessPool:
             self._schedule_timeout_check()
 
     def _spawn(self, index: int) -> None:
+        """Start worker *index* from a thread: ``Process.start()`` waits for
+        the fork server, which the first time is still importing Scrapy and
+        the pipelines (0.5-1 s), and the reactor must not wait with it."""
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker.main,
             args=(child, self._spec, index),
             name=f"scrapy-speedup-worker-{index}",
         )
-        try:
-            process.start()
-        except Exception as exc:  # noqa: BLE001 - the fork server died, no memory, ...
+        self._progress[2 * index] = self._progress[2 * index + 1] = 0.0
+        self._starting[index] = process
+        self.bridge.call_in_new_thread(
+            process.start, f"scrapy-speedup-start-{index}",
+            partial(self._on_spawned, index, process, parent, child),
+        )
+
+    def _on_spawned(
+        self, index: int, process: BaseProcess, parent: Connection, child: Connection,
+        _: object, error: BaseException | None,
+    ) -> None:
+        self._starting.pop(index, None)
+        if error is not None:  # the fork server died, no memory, ...
             parent.close()
             child.close()
-            self._on_start_error(index, exc)
+            self._on_start_error(index, error)
             return
         child.close()  # the worker's end: its EOF must mean the worker is gone
         fd = parent.fileno()
         os.set_blocking(fd, False)
         new = _Worker(index, process, parent, fd, FrameReader(self._max_message_bytes))
-        self._progress[2 * index] = self._progress[2 * index + 1] = 0.0
         self._workers[index] = new
         self.bridge.watch(fd, on_read=partial(self._on_readable, new))
         self.bridge.watch(process.sentinel, on_read=partial(self._on_exit, new))
+        if self._abandoned or self._fatal is not None:
+            new.killed_for = "shutdown"
+            process.kill()
+        elif self._closed:
+            new.stopping = True  # started too late for the crawl: close it at once
+            self._send(new, Stop("finished").encode())
 
-    def _on_start_error(self, index: int, exc: Exception) -> None:
+    def _on_start_error(self, index: int, exc: BaseException) -> None:
         """A worker could not be started: try again shortly (multiprocessing
         restarts a fork server that died), up to _MAX_START_CRASHES times in
         a row; a start error never reaches the reactor."""
@@ -287,8 +307,8 @@ class ProcessPool:
             self.bridge.call_later(_RESTART_DELAY_S, self._respawn, index)
 
     def _respawn(self, index: int) -> None:
-        if (self._workers[index] is None and not self._closed and not self._abandoned
-                and self._fatal is None):
+        if (self._workers[index] is None and index not in self._starting
+                and not self._closed and not self._abandoned and self._fatal is None):
             self._spawn(index)
             self._pump()
 
@@ -335,7 +355,7 @@ class ProcessPool:
             await self._drained
             timer.cancel()
         workers = self._alive()
-        if workers:
+        if workers or self._starting:
             self._exited = self.bridge.new_waiter()
             for alive in workers:
                 if not alive.stopping:
@@ -794,7 +814,7 @@ class ProcessPool:
         else:
             self._queue.extendleft(reversed(tasks))
         if self._closed or self._abandoned:
-            if self._exited is not None and not self._alive():
+            if self._exited is not None and not self._alive() and not self._starting:
                 self.bridge.resolve(self._exited, None)
         elif self._fatal is None:
             self.stats.inc_value(_STAT + "worker_restart_count")
@@ -953,6 +973,9 @@ class ProcessPool:
             )
         for alive in self._alive():
             alive.process.kill()
+        for starting in self._starting.values():
+            with contextlib.suppress(Exception):  # not started yet: nothing to kill
+                starting.kill()
 
 
 # Stands in for a task's request once it is pickled; see _pump.
