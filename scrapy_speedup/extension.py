@@ -264,13 +264,14 @@ class SpeedupExtension:
 
         logger.info(
             "scrapy-speedup process pool: %d tasks: %d succeeded, %d dropped,"
-            " %d errored, %d abandoned (%d ran inline); %d retries,"
+            " %d errored, %d abandoned, %d cancelled (%d ran inline); %d retries,"
             " %d worker crashes, %d timeouts",
             count("task_count"),
             count("succeeded_count"),
             count("dropped_count"),
             count("error_count"),
             count("abandoned_count"),
+            count("cancelled_count"),
             count("inline_count"),
             count("retry_count"),
             count("worker_crash_count"),
