@@ -42,6 +42,7 @@ docs: $(STAMP)
 ## make bench: the benchmarks of docs/benchmarks.rst (several minutes)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_process.py
+	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_thread.py
 	$(BIN)/python benchmarks/bench_concurrency.py
 	$(BIN)/python benchmarks/bench_doctor.py
