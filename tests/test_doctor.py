@@ -120,8 +120,9 @@ def test_says_why_it_cannot_name_the_blocker_when_sigalrm_is_taken(
 
 def test_leaves_sigalrm_to_a_project_that_takes_it_during_the_crawl(
         demo_site: DemoSite, tmp_path: Path) -> None:
-    # One request at a time: the handler is installed between two blocks
-    # (one installed in the middle of a block may see one stray alarm).
+    # One request at a time: the handler is installed between two blocks.
+    # The project arms its own timer with it (testproj/alarm.py): a doctor
+    # that re-armed after the takeover would fire the project's handler.
     result = crawl_blocking(tmp_path, demo_site, "parse", count=60,
                             settings={**PROJECT_ALARM, "TEST_ALARM_AT_ITEM": 25,
                                       "CONCURRENT_REQUESTS": 1})

@@ -1,7 +1,10 @@
 """An extension that uses SIGALRM itself, as some projects do for timeouts:
 from the start, or once the item whose id is ``TEST_ALARM_AT_ITEM`` is
-scraped. Its handler raises: if the reactor doctor ever fired it, the crawl's
-log would show "the project's own alarm"."""
+scraped, then arms its own timer an hour ahead, as a project guarding a
+call with ``alarm()`` does (``alarm()`` and the doctor share one timer, so this
+also replaces any alarm the doctor had pending). Its handler raises: if the
+reactor doctor ever fired it, the crawl's log would show "the project's own
+alarm"."""
 
 from __future__ import annotations
 
@@ -29,3 +32,4 @@ class ProjectAlarm:
     def item_scraped(self, item):
         if item["id"] == int(self.at_item):
             signal.signal(signal.SIGALRM, on_alarm)
+            signal.alarm(3600)
