@@ -14,8 +14,8 @@ service that never answers would otherwise cost a thread per call); when
 every thread it may have is stuck, calls fail at once with
 :exc:`~scrapy_speedup.exceptions.ThreadPoolExhaustedError` rather than wait
 forever. A stuck thread whose call returns late is usable again. Shutdown
-waits for stuck threads at most ``SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS`` before
-the process exits without them.
+waits at most ``SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS`` for the threads whose calls
+still have a caller, and not at all for those stuck in calls given up.
 
 Results come back through the bridge: an ``asyncio.Future`` or a
 ``Deferred``, completed on the reactor thread, on all three runtimes.
@@ -64,6 +64,7 @@ class _Call:
     timeout: float | None
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # set by the thread that runs it
+    thread: threading.Thread | None = None  # the one that runs it
     # Its caller was answered without its result (timeout, abandoned): a
     # late result is dropped.
     given_up: bool = False
@@ -227,6 +228,7 @@ class ThreadPool:
                     return
                 call = self._pending.popleft()
                 call.started_at = time.monotonic()
+                call.thread = me
                 self._running.add(call)
                 self._busy += 1
                 self._busy_max = max(self._busy_max, self._busy)
@@ -353,13 +355,24 @@ class ThreadPool:
             self.bridge.fail(call.waiter, error)
 
     async def close(self) -> None:
-        """Stop the threads, waiting at most SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS."""
+        """Stop the threads, waiting at most SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS
+        for those whose calls someone still waits for."""
         with self._lock:
             already = self._closed and not self._threads
             self._closed = True
             self._wakeup.notify_all()
-            threads = list(self._threads)
+            # A call that timed out or was abandoned has had its answer: its
+            # thread (a daemon) ends with the process, and waiting for it
+            # would only delay every crawl that had one.
+            given_up = {c.thread: c.name for c in self._running if c.given_up}
+            threads = [t for t in self._threads if t not in given_up]
         self._stat("max_value", "busy_max", self._busy_max)
+        if given_up:
+            logger.info(
+                "%d threads are still in calls given up (%s); the crawl does not wait"
+                " for them", len(given_up), sorted(set(given_up.values())),
+                extra={"crawler": self.crawler},
+            )
         if already or not threads:
             return
         deadline = time.monotonic() + self.shutdown_timeout_s
@@ -373,8 +386,6 @@ class ThreadPool:
         if alive:
             logger.warning(
                 "%d threads still blocked after SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS (%s s):"
-                " the crawl exits without them (stuck calls: %s)",
-                len(alive), self.shutdown_timeout_s,
-                sorted({c.name for c in self._stuck}) or "none timed out",
-                extra={"crawler": self.crawler},
+                " the crawl exits without them",
+                len(alive), self.shutdown_timeout_s, extra={"crawler": self.crawler},
             )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import platform
+import signal
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,15 @@ logger = logging.getLogger(__name__)
 _running: weakref.WeakSet[SpeedupExtension] = weakref.WeakSet()
 # How often the extension looks whether the crawl has begun to stop.
 _STOP_POLL_S = 0.25
+# How often a stop held for the spider's close looks whether it has ended.
+_CLOSE_POLL_S = 0.05
+
+
+def _forced_stop() -> bool:
+    """Whether Scrapy has seen a second Ctrl-C (or SIGTERM): it then ignores
+    both signals from on."""
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
 
 
 def running_extensions() -> list[SpeedupExtension]:
@@ -69,6 +80,7 @@ class SpeedupExtension:
         ext = cls(crawler, config)
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
+        crawler.signals.connect(ext.engine_stopped, signal=signals.engine_stopped)
         return ext
 
     @classmethod
@@ -213,8 +225,7 @@ class SpeedupExtension:
         slot = getattr(engine, "_slot", None)
         return slot is not None and getattr(slot, "closing", None) is not None
 
-    def _give_up(self) -> None:
-        why = "the crawl is stopping"
+    def _give_up(self, why: str = "the crawl is stopping") -> None:
         if self._pool is not None:
             self._pool.abandon(why)
         if self._threads is not None:
@@ -234,8 +245,57 @@ class SpeedupExtension:
             await self._threads.close()
         self._log_summary()
 
+    # -- a stop that begins while the spider closes ------------------------------
+
+    async def engine_stopped(self) -> None:
+        """Hold the end of the crawl until the spider's close has ended.
+
+        A graceful stop that begins while the spider is already closing
+        (Ctrl-C after "Closing spider (finished)") does not wait for that close
+        in Scrapy 2.19: the engine's second close returns as soon as the first
+        has begun, ``engine_stopped`` is sent, and the reactor (or the loop)
+        stops in the middle of the first close. With the pipelines inline that
+        is rarely seen, as a blocking ``close_spider`` delays the signal; with
+        them in the workers, their ``close_spider`` (a buffer flushed to a
+        database) was killed half done, and the stats were never dumped.
+        Scrapy waits for this handler; it returns once the engine has closed
+        the spider, at once on a forced stop (Ctrl-C twice), and in bounded
+        time in any case."""
+        if self._spider_close_ended():
+            return
+        # The pool's close waits at most the timeout for its tasks and again
+        # for its workers; the thread pool's once more.
+        bound_s = 3 * self.config.shutdown_timeout_seconds + 5
+        logger.info(
+            "scrapy-speedup: waiting for the spider's close to end (offloaded work"
+            " closing; at most %d s, Ctrl-C again to force)", bound_s,
+            extra={"crawler": self.crawler},
+        )
+        until = time.monotonic() + bound_s
+        while not self._spider_close_ended() and time.monotonic() < until:
+            if _forced_stop():
+                self._give_up("the crawl was forced to stop")
+                return
+            waiter = self.bridge.new_waiter()
+            self.bridge.call_later(_CLOSE_POLL_S, self.bridge.resolve, waiter, None)
+            await waiter
+
+    def _spider_close_ended(self) -> bool:
+        engine = self.crawler.engine
+        return engine is None or engine.spider is None
+
     def _log_summary(self) -> None:
         stats = self.crawler.stats
+        abandoned = sum(int(stats.get_value(f"speedup/{pool}/abandoned_count", 0))
+                        for pool in ("process", "thread"))
+        if abandoned and self.crawler.settings.get("JOBDIR"):
+            logger.warning(
+                "scrapy-speedup: %d offloaded tasks were abandoned at the stop deadline"
+                " (SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS = %s s); their requests are done for"
+                " JOBDIR, so a resumed crawl will not fetch those pages again: give slow"
+                " work a deadline it can meet", abandoned,
+                self.config.shutdown_timeout_seconds, extra={"crawler": self.crawler},
+            )
         if self.doctor is not None:
             self.doctor.log_summary()
         if self._threads is not None:

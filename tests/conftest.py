@@ -152,10 +152,11 @@ class Crawl:
             time.sleep(0.05)
         raise AssertionError(f"{pattern!r} not in the log:\n{self.log_file.read_text()}")
 
-    def interrupt(self) -> None:
-        """Ctrl-C in the crawl's terminal: SIGINT to its whole process group."""
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Ctrl-C in the crawl's terminal (SIGINT to its whole process group),
+        or with SIGTERM what systemd's stop and ``kill -- -PGID`` do."""
         self.track_descendants()
-        os.killpg(self.process.pid, signal.SIGINT)
+        os.killpg(self.process.pid, signum)
 
     def result(self, timeout: float = 90) -> CrawlResult:
         deadline = time.monotonic() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -55,6 +56,26 @@ def test_ctrl_c_once_finishes_work_in_flight(demo_site: DemoSite, runtime: str,
     assert not result.alive_descendants()
 
 
+def test_sigterm_to_the_process_group_is_a_graceful_stop(demo_site: DemoSite,
+                                                        tmp_path: Path) -> None:
+    """systemd's stop and ``kill -- -PGID`` send SIGTERM to every process of
+    the crawl: the workers and the fork server must leave the stop to the
+    crawl, not die in the middle of their tasks."""
+    crawl = start_slow_crawl(tmp_path, demo_site, "asyncio", seconds=0.3,
+                             SPEEDUP_PROCESS_RETRY_TIMES=0)
+    crawl.wait_for_log(r"Scraped from")
+    crawl.interrupt(signal.SIGTERM)
+    result = crawl.result(timeout=60)
+    assert result.returncode == 0, result.log
+    assert "Received SIGTERM, shutting down gracefully" in result.log
+    assert result.stats["finish_reason"] == "shutdown"
+    assert_process_stats_add_up(result)
+    assert result.stat("speedup/process/error_count") == 0, result.log
+    assert result.stat("speedup/process/worker_crash_count") == 0, result.log
+    assert result.stat("speedup/process/succeeded_count") == len(result.items)
+    assert not result.alive_descendants(grace=2)
+
+
 def test_ctrl_c_twice_exits_within_5_seconds(demo_site: DemoSite, runtime: str,
                                              tmp_path: Path) -> None:
     crawl = start_slow_crawl(tmp_path, demo_site, runtime, seconds=60)
@@ -76,7 +97,8 @@ def test_ctrl_c_once_is_bounded_by_the_shutdown_timeout(demo_site: DemoSite,
     """Scrapy closes the spider only once every item in progress is done: a
     task that never ends must not hold a graceful stop past the timeout."""
     crawl = start_slow_crawl(tmp_path, demo_site, "asyncio", seconds=600,
-                             SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS=3)
+                             SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS=3,
+                             JOBDIR=str(tmp_path / "job"))
     crawl.wait_for_log(r"Crawled \(200\).*product/8\.html")
     crawl.interrupt()
     stopped = time.monotonic()
@@ -90,6 +112,8 @@ def test_ctrl_c_once_is_bounded_by_the_shutdown_timeout(demo_site: DemoSite,
     assert result.stat("speedup/process/abandoned_count") >= 2
     assert result.stat("speedup/process/succeeded_count") == 0
     assert result.stat("test/item_error/PoolClosedError") >= 2
+    # A paused crawl will not fetch those pages again: said, not silent.
+    assert "a resumed crawl will not fetch those pages again" in result.log
     assert not result.alive_descendants()
 
 
@@ -138,3 +162,57 @@ def test_ctrl_c_while_the_fork_server_starts(demo_site: DemoSite, tmp_path: Path
     assert "Could not start worker" not in result.log, result.log
     assert_process_stats_add_up(result)
     assert not result.alive_descendants()
+
+
+def start_crawl_that_closes_slowly(tmp_path: Path, demo_site: DemoSite,
+                                   runtime: str = "asyncio") -> Crawl:
+    """A short crawl whose offloaded pipelines take 3 s in close_spider (a
+    buffer flushed to a database); returns once they are closing."""
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+    crawl = Crawl(
+        tmp_path,
+        runtime=runtime,
+        settings={
+            "SPEEDUP_PROCESS_WORKERS": 2,
+            "SPEEDUP_PROCESS_PIPELINES": "testproj.pipelines.FaultPipeline",
+            "TEST_CLOSE_SLEEP_S": 3,
+            "TEST_MARKER_DIR": str(marker_dir),
+        },
+        args={"site": demo_site.url, "count": 10},
+    )
+    crawl.wait_for_log(r"Closing spider \(finished\)")
+    deadline = time.monotonic() + 30
+    while len(list(marker_dir.glob("closing-*"))) < 2:
+        assert time.monotonic() < deadline, "the workers' close_spider never began"
+        time.sleep(0.05)
+    return crawl
+
+
+def test_ctrl_c_while_the_workers_close_their_pipelines_waits_for_them(
+        demo_site: DemoSite, runtime: str, tmp_path: Path) -> None:
+    """Scrapy 2.19 stops the reactor in the middle of a spider's close when a
+    graceful stop begins during it: the workers' close_spider must still end."""
+    crawl = start_crawl_that_closes_slowly(tmp_path, demo_site, runtime)
+    crawl.interrupt()
+    result = crawl.result(timeout=60)
+    assert result.returncode == 0, result.log
+    assert "Received SIGINT, shutting down gracefully" in result.log
+    assert result.stat("test/pipeline_closed") == 2, result.log  # both workers
+    assert "Spider closed (finished)" in result.log
+    assert len(result.items) == 10
+    assert not result.alive_descendants(grace=2)
+
+
+def test_ctrl_c_twice_while_the_workers_close_their_pipelines_is_prompt(
+        demo_site: DemoSite, tmp_path: Path) -> None:
+    crawl = start_crawl_that_closes_slowly(tmp_path, demo_site)
+    crawl.interrupt()
+    crawl.wait_for_log(r"Received SIGINT, shutting down gracefully")
+    crawl.wait_for_log(r"waiting for the spider's close to end")
+    stopped = time.monotonic()
+    crawl.interrupt()
+    result = crawl.result(timeout=30)
+    assert time.monotonic() - stopped < 2.5, result.log
+    assert result.returncode == 0, result.log
+    assert not result.alive_descendants(grace=2)

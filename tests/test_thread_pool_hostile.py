@@ -144,3 +144,21 @@ async def test_a_bad_timeout_is_refused_by_name(timeout: Any) -> None:
     assert "the timeout of sleep" in str(result)
     assert_adds_up(stats)
     await pool.close()
+
+
+@inprocess
+async def test_close_does_not_wait_for_calls_already_given_up(release: threading.Event) -> None:
+    """A call that timed out has had its answer: closing the pool must not
+    wait SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS for its thread, at the end of every
+    crawl that had one; a call still running for its caller is waited for."""
+    pool, _ = new_pool(SPEEDUP_THREAD_WORKERS=2, SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS=20)
+    assert isinstance(await outcome(pool, release.wait, timeout=0.1), TimeoutError)
+    started = time.monotonic()
+    await asyncio.wait_for(pool.close(), 10)
+    assert time.monotonic() - started < 2
+
+    pool, _ = new_pool(SPEEDUP_THREAD_WORKERS=2, SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS=20)
+    running = asyncio.ensure_future(outcome(pool, time.sleep, 0.5))
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(pool.close(), 10)
+    assert running.done() and running.result() is None

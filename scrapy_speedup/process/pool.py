@@ -58,6 +58,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scrapy.exceptions import DropItem
@@ -141,6 +142,10 @@ def _describe_exit(exitcode: int | None) -> str:
             return f"signal {signal.Signals(-exitcode).name} (exit code {exitcode})"
         except ValueError:
             pass
+    if exitcode == 255:
+        # What multiprocessing reports when the fork server that started the
+        # worker is gone, whatever became of the worker.
+        return "exit code 255 (or its fork server died)"
     return f"exit code {exitcode}"
 
 
@@ -238,6 +243,7 @@ class ProcessPool:
             progress=self._progress,
             log_level=logging.getLogger().getEffectiveLevel(),
             max_message_bytes=self._max_message_bytes,
+            import_roots=_import_roots([self.crawler.spidercls.__module__]),
             pipelines=self._pipeline_spec(),
         )
         for index in range(self.config.process_workers):
@@ -312,7 +318,7 @@ class ProcessPool:
             self._spawn(index)
             self._pump()
 
-    def _pipeline_spec(self) -> worker.PipelineSpec | None:
+    def _pipeline_spec(self) -> bytes | None:
         if not self.config.process_pipelines:
             return None
         spider = self.crawler.spider
@@ -327,12 +333,12 @@ class ProcessPool:
                 " settings %s; spider attributes %s",
                 left_settings, left_attrs, extra={"crawler": self.crawler},
             )
-        return worker.PipelineSpec(
+        return pickle.dumps(worker.PipelineSpec(
             paths=self.config.process_pipelines,
             settings=settings,
             spidercls=type(spider),
             spider_attrs=attrs,
-        )
+        ))
 
     def _alive(self) -> list[_Worker]:
         return [w for w in self._workers if w is not None]
@@ -995,6 +1001,26 @@ def _picklable(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return kept, left
 
 
+def _import_roots(module_names: list[str]) -> tuple[str, ...]:
+    """The folders a worker needs on its ``sys.path`` to import these modules
+    that are not on the crawl's own ``sys.path`` (a worker starts with that):
+    ``scrapy runspider file.py`` puts the file's folder there only while it
+    imports the file."""
+    on_path = {os.path.realpath(entry or os.curdir) for entry in sys.path}
+    roots: list[str] = []
+    for name in module_names:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if not file:
+            continue
+        root = Path(file).resolve().parent
+        levels = name.count(".") + (Path(file).stem == "__init__")
+        for _ in range(levels):
+            root = root.parent
+        if str(root) not in on_path and str(root) not in roots:
+            roots.append(str(root))
+    return tuple(roots)
+
+
 def warm_up_fork_server(config: SpeedupConfig) -> None:
     """Start the fork server now, in the background, with the modules every
     worker needs already imported (Scrapy alone takes ~0.3 s to import), so
@@ -1008,21 +1034,26 @@ def warm_up_fork_server(config: SpeedupConfig) -> None:
     # Preloading ignores modules that fail to import (workers then report the
     # error themselves); once the server runs, ensure_running() does nothing.
     forkserver.set_forkserver_preload(modules)
-    # Ctrl-C signals the whole process group: a fork server still importing
-    # Scrapy would die of it and take the pool's start with it (it ignores
-    # SIGINT only once its imports are done). A disposition of SIG_IGN is
-    # inherited across exec, and Python leaves an ignored SIGINT ignored, so
-    # the server is started with SIGINT ignored; meanwhile SIGINT is blocked
-    # here, so that a Ctrl-C in that moment is delayed, not lost.
+    # Ctrl-C signals the whole process group, and so does SIGTERM from systemd
+    # or `kill -- -PGID`: a fork server still importing Scrapy would die of
+    # SIGINT (it ignores it only once its imports are done) and of SIGTERM
+    # at any time, and take the pool's start or its replacement workers with
+    # it. A disposition of SIG_IGN is inherited across exec, and Python leaves
+    # an ignored signal ignored, so the server is started with both ignored
+    # (it still ends when the crawl does: it watches a pipe from the crawl);
+    # meanwhile they are blocked here, so that one arriving in that moment is
+    # delayed, not lost.
     if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()  # signals can only be changed there
         return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stops = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stops}
     try:
         forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -74,7 +75,12 @@ class WorkerSpec:
     progress: Any
     log_level: int
     max_message_bytes: int
-    pipelines: PipelineSpec | None = None
+    # Folders to put first on the worker's sys.path before anything of the
+    # project is unpickled (see pool._import_roots).
+    import_roots: tuple[str, ...] = ()
+    # A pickled PipelineSpec: unpickled by main() once import_roots are on
+    # sys.path, since it names the spider's class.
+    pipelines: bytes | None = None
 
 
 class _RecordingStats(MemoryStatsCollector):
@@ -183,9 +189,13 @@ current: _State | None = None
 def main(conn: Connection, spec: WorkerSpec, index: int) -> None:
     """The worker process: start, run tasks until asked to stop, close."""
     global current  # noqa: PLW0603 - one worker per process
-    # Ctrl-C in a terminal signals the whole process group; the crawl decides
-    # how it stops, and the worker must finish the task it has.
+    # Ctrl-C in a terminal, and SIGTERM from systemd or `kill -- -PGID`,
+    # signal the whole process group; the crawl decides how it stops (it
+    # kills a worker with SIGKILL when it must), and the worker must finish
+    # the task it has.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.path[:0] = [root for root in spec.import_roots if root not in sys.path]
     channel = _Channel(conn, spec.max_message_bytes)
     root = logging.getLogger()
     for handler in root.handlers[:]:
@@ -196,7 +206,7 @@ def main(conn: Connection, spec: WorkerSpec, index: int) -> None:
     init_error = None
     if spec.pipelines is not None:
         try:
-            _open_pipelines(state, spec.pipelines)
+            _open_pipelines(state, pickle.loads(spec.pipelines))
         except Exception:  # noqa: BLE001 - reported to the crawl, which stops
             init_error = traceback.format_exc()
     channel.send(Started(init_error))

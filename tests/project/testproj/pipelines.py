@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from testproj import faults
@@ -18,6 +19,7 @@ class FaultPipeline:
         if settings.getbool("TEST_FAIL_FROM_CRAWLER"):
             raise RuntimeError("from_crawler failed on purpose")
         self.fail_open = settings.getbool("TEST_FAIL_OPEN")
+        self.close_sleep_s = settings.getfloat("TEST_CLOSE_SLEEP_S")
 
     @classmethod
     def from_crawler(cls, crawler):
@@ -40,5 +42,8 @@ class FaultPipeline:
         return faults.apply(item, self.faults, self.marker_dir)
 
     def close_spider(self):
+        if self.close_sleep_s:  # a pipeline that flushes a buffer at close
+            self._mark("closing")
+            time.sleep(self.close_sleep_s)
         self.stats.inc_value("test/pipeline_closed")
         self._mark("closed")
