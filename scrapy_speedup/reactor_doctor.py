@@ -30,8 +30,14 @@ at first, then every ``interval``):
   length. A component is named, with its fix, only when one of its calls
   lasted at least ``_MIN_CALL_S`` (5 ms): moving a call that long to a
   process or a thread pays for itself many times over (the move costs
-  ~0.3 ms); moving a 1 ms parse would not. The first block of each such
-  component is a WARNING.
+  ~0.3 ms); moving a 1 ms parse would not. A call is long by the reactor
+  thread's CPU clock (CPU work), or by the wall clock if the thread waited
+  (voluntary context switches: I/O, a lock, sleep); one long on the wall
+  clock only because other processes had the cores (involuntary switches)
+  is not long: moving it would not help. The first block of each such
+  component is a WARNING, with its fix (none for Scrapy's own components).
+* **A long call in library code** (no component or project code on the
+  stack: Scrapy's engine, a client library): named at INFO, with no fix.
 * **Garbage collection**, when collections (timed with ``gc.callbacks``)
   took at least half the block: its own kind, at INFO.
 * **A busy reactor**: many short calls, none long enough to blame: the
@@ -121,6 +127,14 @@ _UNKNOWN: _Where = (None, None)
 class _Component:
     label: str  # Class.method
     kind: str  # a value of _KINDS
+    # Scrapy's own (FeedExporter, ...): nothing the project can move; its
+    # calls are long because of what it is given.
+    scrapys: bool = False
+
+
+# Starting the process pool's workers runs inside the first caller of
+# run_in_process (a callback): the start-up is named for what it is.
+_POOL_START = _Component("starting the process pool's workers", "scrapy-speedup")
 
 
 @dataclass
@@ -130,6 +144,9 @@ class _Blocker:
     # "call": a component's or the project's long call; "gc"; "busy";
     # "unknown": no sample could say.
     kind: str = "call"
+    # What made its calls long: "cpu" (work on the CPU) or "waits" (the
+    # thread waited: blocking I/O, a lock, sleep).
+    nature: str = "cpu"
     count: int = 0
     total_s: float = 0.0
     max_s: float = 0.0
@@ -161,6 +178,30 @@ class _Sample:
     # only until the block is judged: identity tells one call from the next.
     frame: types.FrameType | None
     where: _Where
+    # The reactor thread's CPU clock and its voluntary context switches
+    # (waits for I/O, a lock, sleep; -1 where unknown) when it was taken:
+    # a call that is long on the wall clock only because other processes
+    # had the cores is not long (preempted, the thread switches
+    # involuntarily).
+    cpu: float = 0.0
+    waits: int = -1
+    # No component or project code on the stack: the frame is the callback
+    # the loop ran, in a library (Scrapy's engine, a client, ...).
+    library: bool = False
+
+
+try:
+    import resource
+
+    _RUSAGE_THREAD = resource.RUSAGE_THREAD
+
+    def _voluntary_switches() -> int:
+        return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
+
+except (ImportError, AttributeError):  # not Linux: judged by the CPU share
+
+    def _voluntary_switches() -> int:
+        return -1
 
 
 # Doctors whose alarm may be armed, disarmed at exit: Python resets signal
@@ -342,24 +383,31 @@ class ReactorDoctor:
         where: _Where | None = None
         project: types.FrameType | None = None
         innermost: _Where | None = None
+        outermost: types.FrameType | None = None
         f: types.FrameType | None = frame
         depth = 0
+        at, cpu, waits = time.monotonic(), time.thread_time(), _voluntary_switches()
         while f is not None and depth < 200:
             code = f.f_code
             if code in _LOOP_CODES:
                 break  # older frames run the loop itself
             if innermost is None:
                 innermost = (code, f.f_lineno)
+            if code in _POOL_START_CODES:
+                return _Sample(self._due, at, _POOL_START, f, (code, f.f_lineno), cpu, waits)
             if project is None and not self._is_library(code.co_filename):
                 project, where = f, (code, f.f_lineno)
             component = self._components.get(code)
             if component is not None:
-                return _Sample(self._due, time.monotonic(), component, f,
-                               where or (code, f.f_lineno))
+                return _Sample(self._due, at, component, f, where or (code, f.f_lineno),
+                               cpu, waits)
+            outermost = f
             f = f.f_back
             depth += 1
-        return _Sample(self._due, time.monotonic(), None, project,
-                       where or innermost or _UNKNOWN)
+        if project is None and outermost is not None:
+            return _Sample(self._due, at, None, outermost,
+                           (outermost.f_code, outermost.f_lineno), cpu, waits, library=True)
+        return _Sample(self._due, at, None, project, where or innermost or _UNKNOWN, cpu, waits)
 
     def _is_library(self, filename: str) -> bool:
         library = self._library_files.get(filename)
@@ -376,12 +424,12 @@ class ReactorDoctor:
         self.blocked_s += lag
         self.stats.inc_value(_STAT + "block_count")
         self.stats.set_value(_STAT + "blocked_seconds", round(self.blocked_s, 3))
-        component, where, longest, kind = self._judge(lag, gc_s, samples)
+        component, where, longest, kind, nature = self._judge(lag, gc_s, samples)
         self.stats.inc_value(f"{_STAT}block_count/{kind}")
         key = (component, where if component is None else "", kind)
         blocker = self._blockers.get(key)
         if blocker is None:
-            blocker = self._blockers[key] = _Blocker(component, where, kind)
+            blocker = self._blockers[key] = _Blocker(component, where, kind, nature)
         blocker.count += 1
         blocker.total_s += lag
         blocker.max_s = max(blocker.max_s, lag)
@@ -389,6 +437,17 @@ class ReactorDoctor:
         blocker.longest_call_s = max(blocker.longest_call_s, longest)
         if kind == "busy":
             self._say_busy(blocker, lag, cpu_share)
+        elif kind == "library":
+            if blocker.count == 1:
+                logger.info(
+                    "Library code blocked the reactor for %d ms in one call (at %s; %d%% of"
+                    " it on the CPU): not a component of the project, so nothing to move;"
+                    " such a call is long because of what it is given (a huge response or"
+                    " result, thousands of requests at once). Further blocks are counted"
+                    " and listed when the spider closes.",
+                    round(lag * 1000), where, round(cpu_share * 100),
+                    extra={"crawler": self.crawler},
+                )
         elif kind == "gc":
             if blocker.count == 1:
                 logger.info(
@@ -418,51 +477,66 @@ class ReactorDoctor:
 
     def _judge(
         self, lag: float, gc_s: float, samples: list[_Sample]
-    ) -> tuple[_Component | None, str, float, str]:
-        """(component, where, its longest call, kind) of a block."""
+    ) -> tuple[_Component | None, str, float, str, str]:
+        """(component, where, its longest call, kind, nature) of a block."""
         if gc_s >= _GC_SHARE * lag:
-            return None, _GC, 0.0, "gc"
+            return None, _GC, 0.0, "gc", "cpu"
         if not samples:
-            return None, self._unsampled(), 0.0, "unknown"
+            return None, self._unsampled(), 0.0, "unknown", "cpu"
         # Runs of consecutive samples inside the same call; each run's span
         # is a lower bound of that call's length. Calls are grouped by
-        # component, or by the project function when no component is on
-        # the stack; `where` is from the first sample of the longest call.
-        longest: dict[object, tuple[float, _Component | None, _Where]] = {}
+        # component, or by the project function (or library callback) when
+        # no component is on the stack; `where` is from the first sample of
+        # the longest call.
+        longest: dict[object, tuple[float, _Component | None, _Where, str, bool]] = {}
         total: dict[object, float] = {}
+        longest_any = 0.0
         run_start = samples[0]
         for previous, sample in zip(samples, [*samples[1:], None], strict=True):
             if sample is not None and sample.frame is not None and (
                     sample.frame is previous.frame):
                 continue
             if previous.frame is not None:
-                key = previous.component or run_start.where[0]
                 span = previous.at - run_start.at
-                if span >= longest.get(key, (-1.0,))[0]:
-                    longest[key] = (span, previous.component, run_start.where)
-                total[key] = total.get(key, 0.0) + span
+                longest_any = max(longest_any, span)
+                nature = _call_nature(run_start, previous)
+                key = previous.component or run_start.where[0]
+                if nature is not None and span >= longest.get(key, (-1.0,))[0]:
+                    longest[key] = (span, previous.component, run_start.where, nature,
+                                    previous.library)
+                if nature is not None:
+                    total[key] = total.get(key, 0.0) + span
             if sample is not None:
                 run_start = sample
-        calls = [key for key, (span, _, _) in longest.items() if span >= _MIN_CALL_S]
-        if not calls:
-            return None, _BUSY, max((v[0] for v in longest.values()), default=0.0), "busy"
+        if not longest:
+            return None, _BUSY, longest_any, "busy", "cpu"
         # The component with the most time in long calls; the project's own
-        # code outside components only when no component qualifies.
-        named = [key for key in calls if longest[key][1] is not None] or calls
-        span, component, code_line = longest[max(named, key=lambda key: total[key])]
-        return component, _location(*code_line), span, "call"
+        # code outside components only when no component qualifies, and a
+        # library's callback only when neither does.
+        named = ([key for key in longest if longest[key][1] is not None]
+                 or [key for key in longest if not longest[key][4]] or list(longest))
+        span, component, code_line, nature, library = longest[max(named, key=total.__getitem__)]
+        kind = "library" if component is None and library else "call"
+        return component, _location(*code_line), span, kind, nature
 
     def _say_busy(self, blocker: _Blocker, lag: float, cpu_share: float) -> None:
         if self._busy_said:
             return
         self._busy_said = True
+        preempted = ""
+        if cpu_share < _CPU_SHARE:
+            preempted = (
+                " The reactor thread was on a CPU for only part of it: the machine's"
+                " cores were busy with other work (other processes, the crawl's own"
+                " workers), or short waits added up."
+            )
         logger.info(
             "The reactor was busy for %d ms (%d%% of it on the CPU) with many short"
             " calls, none of %d ms or more: the crawl's own work (Scrapy, callbacks,"
             " middlewares) keeps its one reactor thread full, and no single component"
-            " is worth moving to a process or a thread. Such blocks are counted and"
+            " is worth moving to a process or a thread.%s Such blocks are counted and"
             " listed when the spider closes.",
-            round(lag * 1000), round(cpu_share * 100), round(_MIN_CALL_S * 1000),
+            round(lag * 1000), round(cpu_share * 100), round(_MIN_CALL_S * 1000), preempted,
             extra={"crawler": self.crawler},
         )
 
@@ -490,7 +564,7 @@ class ReactorDoctor:
             where,
             round(cpu_share * 100),
             calls,
-            self._fix(blocker.component, cpu_share),
+            self._fix(blocker.component, blocker.nature),
             extra={"crawler": self.crawler},
         )
 
@@ -507,8 +581,19 @@ class ReactorDoctor:
             return f"Code outside the crawl's components ({blocker.where})"
         return f"{blocker.component.label} ({blocker.component.kind})"
 
-    def _fix(self, component: _Component | None, cpu_share: float) -> str:
-        if cpu_share < _CPU_SHARE:
+    def _fix(self, component: _Component | None, nature: str) -> str:
+        if component is _POOL_START:
+            return (
+                "It happens once per crawl, at the first offloaded call; fewer"
+                " SPEEDUP_PROCESS_WORKERS start sooner."
+            )
+        if component is not None and component.scrapys:
+            return (
+                "It is Scrapy's own component: its calls are long because of what it is"
+                " given (huge items or responses, a slow feed storage), not a move to"
+                " make."
+            )
+        if nature == "waits":
             return (
                 "It waits (blocking I/O, a lock, sleep): run the blocking call in"
                 " the crawl's thread pool with `await run_in_thread(func, ...)` or"
@@ -575,13 +660,16 @@ def _row_label(blocker: _Blocker) -> str:
         return blocker.component.label
     if blocker.kind in ("gc", "busy"):
         return blocker.where
+    if blocker.kind == "library":
+        return "(library code)"
     return "(outside components)"
 
 
 def _row_fix(blocker: _Blocker) -> str:
-    if blocker.kind in ("gc", "busy"):
+    component = blocker.component
+    if blocker.kind != "call" or component is _POOL_START or (component and component.scrapys):
         return "-"
-    return "thread" if blocker.cpu_share < _CPU_SHARE else "process"
+    return "thread" if blocker.nature == "waits" else "process"
 
 
 def _loop_codes() -> frozenset[types.CodeType]:
@@ -601,6 +689,33 @@ def _loop_codes() -> frozenset[types.CodeType]:
 
 
 _LOOP_CODES = _loop_codes()
+
+
+def _call_nature(first: _Sample, last: _Sample) -> str | None:
+    """What made the call sampled from *first* to *last* long: "cpu", or
+    "waits"; None when it was not long: shorter than _MIN_CALL_S, or long on
+    the wall clock only because the thread was preempted (a busy machine,
+    the crawl's own workers on every core), which moving it would not fix."""
+    span = last.at - first.at
+    cpu = last.cpu - first.cpu
+    if cpu >= _MIN_CALL_S:
+        return "cpu"
+    if span < _MIN_CALL_S:
+        return None
+    if last.waits < 0:  # unknown here: the CPU share decides
+        return "cpu" if cpu >= _CPU_SHARE * span else "waits"
+    if last.waits > first.waits and span - cpu >= _MIN_CALL_S:
+        return "waits"
+    return None
+
+
+def _pool_start_codes() -> frozenset[types.CodeType]:
+    from scrapy_speedup.process.pool import ProcessPool
+
+    return frozenset({ProcessPool.start.__code__, ProcessPool._spawn.__code__})
+
+
+_POOL_START_CODES = _pool_start_codes()
 
 
 def _why_no_sampling() -> str:
@@ -685,9 +800,10 @@ def _components_of(crawler: Crawler) -> Iterator[tuple[types.CodeType, _Componen
         for base in cls.__mro__[:-1]:  # not object
             for name, value in vars(base).items():
                 for code in _codes_of(value):
-                    found.setdefault(code, set()).add(
-                        _Component(f"{cls.__name__}.{name}", _KINDS[kind])
-                    )
+                    found.setdefault(code, set()).add(_Component(
+                        f"{cls.__name__}.{name}", _KINDS[kind],
+                        scrapys=cls.__module__.startswith("scrapy."),
+                    ))
     for code, components in found.items():
         if len(components) == 1:
             yield code, components.pop()
@@ -695,7 +811,8 @@ def _components_of(crawler: Crawler) -> Iterator[tuple[types.CodeType, _Componen
             # A base class's method shared by several components cannot say
             # which one ran: name it by where it is defined.
             kinds = sorted({c.kind for c in components})
-            yield code, _Component(code.co_qualname, " or ".join(kinds))
+            yield code, _Component(code.co_qualname, " or ".join(kinds),
+                                   scrapys=all(c.scrapys for c in components))
 
 
 def _codes_of(value: object) -> Iterator[types.CodeType]:

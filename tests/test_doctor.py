@@ -171,3 +171,30 @@ def test_a_busy_crawl_of_short_calls_names_no_component(tmp_path: Path) -> None:
         # The blocks it saw are said to be what they are, at INFO.
         assert ("with many short calls" in result.log
                 or "Garbage collection paused the reactor" in result.log), result.log
+
+
+def test_a_crawl_on_a_machine_whose_cores_are_busy_names_no_component(tmp_path: Path) -> None:
+    """Other processes on every core stretch each short call of the reactor
+    on the wall clock (it is preempted); that is no reason to move a 3 ms
+    parse to a thread or a process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import start_capacity_site
+
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(3 * (os.cpu_count() or 1))]
+    try:
+        with start_capacity_site(10_000, 20) as site:
+            result = run_crawl(tmp_path, spider="pages",
+                               settings={"CONCURRENT_REQUESTS": 64,
+                                         "CONCURRENT_REQUESTS_PER_DOMAIN": 64},
+                               args={"site": site.url, "count": 1000, "cpu_ms": 3})
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert result.returncode == 0, result.log
+    assert len(result.items) == 1000
+    assert not ANY_BLAME.findall(result.log), ANY_BLAME.findall(result.log)
