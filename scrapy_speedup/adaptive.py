@@ -419,7 +419,8 @@ class AdaptiveConcurrencyMiddleware:
             return  # the in-flight requests' overloads are the same news
         state.last_decrease = now
         state.threshold = state.limit / 2
-        self.stats.inc_value(_STAT + "decrease_count")
+        if state.limit > state.floor:  # a limit at its floor has nothing to give
+            self.stats.inc_value(_STAT + "decrease_count")
         self._set(key, state, state.limit / 2, why)
 
     def _set(self, key: str, state: _SlotState, limit: float, why: str) -> None:

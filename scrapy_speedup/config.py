@@ -78,6 +78,9 @@ def _number(name: str, value: Any, kind: str) -> float:
     return number
 
 
+_MAX_IN_FLIGHT = 100_000
+
+
 def _int(
     settings: BaseSettings, name: str, default: int | None, *, minimum: int,
     maximum: int | None = None,
@@ -278,7 +281,10 @@ class SpeedupConfig:
         # Four tasks per worker: one running, three waiting in its socket, so
         # that it never idles while the reactor is busy with a stretch of
         # callbacks; more only delays the queue (docs/benchmarks.rst).
-        max_in_flight = _int(settings, "SPEEDUP_PROCESS_MAX_IN_FLIGHT", 4 * workers, minimum=1)
+        # The backpressure thresholds are multiples of it: a huge value
+        # would turn backpressure off without saying so.
+        max_in_flight = _int(settings, "SPEEDUP_PROCESS_MAX_IN_FLIGHT", 4 * workers, minimum=1,
+                             maximum=_MAX_IN_FLIGHT)
         thread_workers = _int(settings, "SPEEDUP_THREAD_WORKERS", 32, minimum=1,
                               maximum=_MAX_THREADS)
         assert thread_workers is not None
@@ -331,7 +337,10 @@ class SpeedupConfig:
             "adaptive_debug": _bool(settings, "SPEEDUP_ADAPTIVE_DEBUG", False),
             "doctor_enabled": _bool(settings, "SPEEDUP_DOCTOR_ENABLED", True),
             # asyncio's debug mode calls a callback slow from 100 ms on.
-            "lag_warn_ms": _float(settings, "SPEEDUP_LAG_WARN_MS", 100.0, maximum=60_000.0),
+            # Below 10 ms the doctor's timer (a fifth of it) would run
+            # every 2 ms and report the loop's own jitter as blocks.
+            "lag_warn_ms": _float(settings, "SPEEDUP_LAG_WARN_MS", 100.0, minimum=10.0,
+                                  maximum=60_000.0),
             "shutdown_timeout_seconds": _float(settings, "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS", 30.0),
             "sqlite_path": _str(settings, "SPEEDUP_SQLITE_PATH", None),
             "sqlite_table": _table(settings, "SPEEDUP_SQLITE_TABLE"),

@@ -198,6 +198,9 @@ async def test_a_permanent_503_without_retry_after_is_backed_off_and_bounded(que
     assert waits[0] >= 0.5 and waits[1] >= 1.0, waits
     assert run.stat("speedup/adaptive/overload_retry_count") == 2
     assert run.stat("retry/max_reached") == 1
+    # Five overloads; a limit already at its floor is not decreased again.
+    assert run.stat("speedup/adaptive/overload_count") == 5
+    assert run.stat("speedup/adaptive/decrease_count") < 5
 
 
 # Waiting never holds up a stop -----------------------------------------------

@@ -85,7 +85,10 @@ def test_values_from_command_line_strings() -> None:
         ({"SPEEDUP_PROCESS_PIPELINES": "a.B,a.B"}, r"SPEEDUP_PROCESS_PIPELINES lists a.B more"
                                                    r" than once"),
         ({"SPEEDUP_PROCESS_PIPELINES": 5}, r"SPEEDUP_PROCESS_PIPELINES \(5\) must be a list"),
-        ({"SPEEDUP_LAG_WARN_MS": 0}, r"SPEEDUP_LAG_WARN_MS \(0\) must be more than 0"),
+        ({"SPEEDUP_LAG_WARN_MS": 0}, r"SPEEDUP_LAG_WARN_MS \(0\) must be at least 10"),
+        ({"SPEEDUP_LAG_WARN_MS": 0.01}, r"SPEEDUP_LAG_WARN_MS \(0.01\) must be at least 10"),
+        ({"SPEEDUP_PROCESS_MAX_IN_FLIGHT": 10**20},
+         r"SPEEDUP_PROCESS_MAX_IN_FLIGHT \(100000000000000000000\) must be at most 100000"),
         ({"SPEEDUP_LAG_WARN_MS": "soon"}, r"SPEEDUP_LAG_WARN_MS \('soon'\) must be a number"),
         ({"SPEEDUP_DB_BATCH_SIZE": 0}, r"SPEEDUP_DB_BATCH_SIZE \(0\) must be 1 or more"),
         ({"SPEEDUP_DB_COMMIT_INTERVAL_SECONDS": 0}, r"INTERVAL_SECONDS \(0\) must be more than 0"),

@@ -367,7 +367,12 @@ class ProcessPool:
                 if not alive.stopping:
                     alive.stopping = True
                     self._send(alive, Stop(reason).encode())  # it closes its pipelines, exits
-            timer = self.bridge.call_later(timeout, self._kill_all, "shutdown")
+            timer = self.bridge.call_later(
+                timeout, self._kill_all,
+                f"it had not exited {timeout} s after it was asked to close its pipelines"
+                " and stop (SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS): a close_spider still"
+                " running, or a non-daemon thread of its own",
+            )
             await self._exited
             timer.cancel()
         _live_pools.discard(self)
@@ -393,7 +398,7 @@ class ProcessPool:
             task = self._queue.popleft()
             self._settle(task, "abandoned", self._abandoned_error(task))
         if self._in_flight:
-            self._kill_all("shutdown")
+            self._kill_all("its task was abandoned")
         self._check_drained()
 
     def _abandoned_error(self, task: _Task) -> PoolClosedError:
