@@ -215,8 +215,30 @@ class SpeedupExtension:
                     extra={"crawler": self.crawler},
                 )
             self._stop_deadline = self.bridge.call_later(timeout, self._give_up)
+            self._nudge_scraper_close()
             return
         self._stop_watch = self.bridge.call_later(_STOP_POLL_S, self._watch_for_stop)
+
+    def _nudge_scraper_close(self) -> None:
+        """While the crawl stops, let Scrapy's scraper see that it is idle.
+
+        Scrapy 2.19's scraper checks whether it may close only when a
+        response is done, not when an item sent by the spider's ``start()``
+        leaves the pipelines: a stop that begins while such items are in a
+        pipeline that takes time (a database writer, a pipeline in the
+        workers, any asynchronous one; vanilla Scrapy too) waits for ever on
+        an idle scraper. Its own check is called here until the spider
+        closes."""
+        self._stop_watch = None
+        engine = self.crawler.engine
+        scraper = getattr(engine, "scraper", None)
+        slot = getattr(scraper, "slot", None)
+        if slot is None or engine is None or engine.spider is None:
+            return  # closed
+        closing = getattr(slot, "closing", None)
+        if closing is not None and not closing.called and slot.is_idle():
+            scraper._check_if_closing()
+        self._stop_watch = self.bridge.call_later(_STOP_POLL_S, self._nudge_scraper_close)
 
     def _stopping(self) -> bool:
         if not self.crawler.crawling:
