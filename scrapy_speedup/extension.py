@@ -71,6 +71,7 @@ class SpeedupExtension:
         self.doctor: ReactorDoctor | None = None
         self._stop_watch: Timer | None = None
         self._stop_deadline: Timer | None = None
+        self._giving_up: list[Callable[[str], None]] = []
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -233,7 +234,7 @@ class SpeedupExtension:
         engine = self.crawler.engine
         scraper = getattr(engine, "scraper", None)
         slot = getattr(scraper, "slot", None)
-        if slot is None or engine is None or engine.spider is None:
+        if scraper is None or slot is None or engine is None or engine.spider is None:
             return  # closed
         closing = getattr(slot, "closing", None)
         if closing is not None and not closing.called and slot.is_idle():
@@ -247,7 +248,19 @@ class SpeedupExtension:
         slot = getattr(engine, "_slot", None)
         return slot is not None and getattr(slot, "closing", None) is not None
 
+    def when_giving_up(self, callback: Callable[[str], None]) -> None:
+        """Have ``callback(why)`` called when the crawl gives up its offloaded
+        work: it is stopping and SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS passed, or
+        it was forced to stop (the database pipelines stop retrying)."""
+        self._giving_up.append(callback)
+
     def _give_up(self, why: str = "the crawl is stopping") -> None:
+        for callback in self._giving_up:
+            try:
+                callback(why)
+            except Exception:
+                logger.exception("scrapy-speedup: %r failed", callback,
+                                 extra={"crawler": self.crawler})
         if self._pool is not None:
             self._pool.abandon(why)
         if self._threads is not None:

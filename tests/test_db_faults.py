@@ -355,3 +355,49 @@ async def test_sqlite_lock_outlasting_every_retry_fails_items_with_the_reason(
         assert "SQLite stayed unavailable through 0 retries" in str(error)
         assert "database is locked" in str(error)
     assert_counts_add_up(run, sqlite_ids(db))
+
+
+@inprocess
+async def test_postgres_down_during_a_stop_is_given_up_at_the_deadline(
+    own_postgres: PostgresServer,
+) -> None:
+    """PostgreSQL dies, then the crawl is stopped while hundreds of items are
+    still coming: each batch would wait out its whole retry budget (~30 s),
+    and the stop would take many minutes. Past SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS
+    the pipeline stops retrying: the rest fail, counted, in bounded time."""
+    table = fresh_table(own_postgres.dsn, "down_at_stop")
+    marks: dict[str, float] = {}
+    tasks: list[asyncio.Future[Any]] = []
+
+    async def kill_then_stop(crawler: Crawler) -> None:
+        assert crawler.stats is not None
+        deadline = time.monotonic() + 30
+        while crawler.stats.get_value("item_scraped_count", 0) < 20:
+            assert time.monotonic() < deadline, "the crawl never reached the fault"
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(own_postgres.stop, "immediate")
+        marks["stop"] = time.monotonic()
+        await crawler.stop_async()
+
+    def during(crawler: Crawler) -> None:
+        tasks.append(asyncio.ensure_future(kill_then_stop(crawler)))
+
+    try:
+        with listening(Page()) as url:
+            run = await crawl(TrickleSpider, pg_settings(
+                own_postgres.dsn, table, SPEEDUP_DB_BATCH_SIZE=10,
+                SPEEDUP_DB_COMMIT_INTERVAL_SECONDS=0.1, SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS=2,
+            ), timeout=90, during=during, url=url, count=300, every_s=0.002)
+        ended = time.monotonic()
+        await tasks[0]
+    finally:
+        own_postgres.start()
+    assert run.finish_reason == "shutdown", run.stats
+    assert ended - marks["stop"] < 2 + 20, ended - marks["stop"]
+    assert len(run.errors) >= 100  # the crawl's callback went on yielding
+    assert all("no more retries: the crawl is stopping" in str(error)
+               for _, error in run.errors[-50:]), run.errors[-1]
+    ids = pg_ids(own_postgres.dsn, table)
+    assert sorted(ids) == sorted(item["id"] for item in run.items)
+    assert run.stat("speedup/db/row_count") == len(ids) == run.stat("item_scraped_count")
+    assert run.stat("speedup/db/row_error_count") == len(run.errors)

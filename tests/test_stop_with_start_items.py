@@ -31,7 +31,7 @@ async def test_a_stop_while_start_items_are_in_the_database_pipeline_ends(
     def stop_after_some_items(crawler: Any) -> None:
         def scraped(item: Any) -> None:
             if item["key"] == 200:
-                asyncio.ensure_future(crawler.stop_async())
+                crawler._test_stop = asyncio.ensure_future(crawler.stop_async())
 
         crawler._test_handler = scraped  # signals hold weak references
         crawler.signals.connect(scraped, signal=scrapy.signals.item_scraped)

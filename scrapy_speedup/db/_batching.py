@@ -119,6 +119,11 @@ class BatchingPipeline:
                 f"{self.name} writes through scrapy-speedup's extension, which is missing: {exc}"
             ) from None
         self._thread: WriterThread | None = None
+        # Why retries stopped: the crawl is stopping and its deadline
+        # (SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS) passed; "" until then.
+        self._no_retries = ""
+        self._sleeping: asyncio.Future[Any] | Deferred[Any] | None = None
+        self._extension.when_giving_up(self._stop_retrying)
         self._pending: list[tuple[Row, asyncio.Future[Any] | Deferred[Any]]] = []
         self._oldest = 0.0  # when the oldest pending row arrived
         self._writing = False
@@ -270,7 +275,7 @@ class BatchingPipeline:
                 self._merge(batch, attempt)
                 if not batch.pending() and not opening:
                     return
-                if retry >= self.retry_times:
+                if retry >= self.retry_times or self._no_retries:
                     self._give_up_batch(batch, str(exc), retry, time.monotonic() - started,
                                         opening)
                     return
@@ -324,7 +329,8 @@ class BatchingPipeline:
     ) -> None:
         message = (
             f"{self.writer.database} stayed unavailable through {retries} retries over"
-            f" {seconds:.1f} s (SPEEDUP_DB_RETRY_TIMES={self.retry_times}): {reason}"
+            f" {seconds:.1f} s (SPEEDUP_DB_RETRY_TIMES={self.retry_times}"
+            f"{'; ' + self._no_retries if self._no_retries else ''}): {reason}"
         )
         if opening:
             raise DatabaseError(f"{self.name} cannot connect: {message}")
@@ -340,8 +346,17 @@ class BatchingPipeline:
         logger.error("%s: %d items failed: %s", self.name, len(pending),
                      message, extra={"crawler": self.crawler})
 
+    def _stop_retrying(self, why: str) -> None:
+        """The crawl is stopping and its deadline passed: a batch the database
+        does not take is failed at once instead of retried, so that a stop
+        while the database is down ends in bounded time; rows still get one
+        attempt each, as the database may be up."""
+        self._no_retries = f"no more retries: {why}"
+        if self._sleeping is not None:
+            self.bridge.resolve(self._sleeping, None)
+
     async def _sleep(self, seconds: float) -> None:
-        waiter = self.bridge.new_waiter()
+        waiter = self._sleeping = self.bridge.new_waiter()
         self.bridge.call_later(seconds, self.bridge.resolve, waiter, None)
         await waiter
 
