@@ -114,6 +114,15 @@ class Addon:
                 raise SpeedupSettingsError(
                     f"SPEEDUP_PROCESS_PIPELINES lists {path!r}, which cannot be imported: {exc}"
                 ) from exc
+            from scrapy_speedup.db._batching import BatchingPipeline
+
+            if isinstance(cls, type) and issubclass(cls, BatchingPipeline):
+                raise SpeedupSettingsError(
+                    f"SPEEDUP_PROCESS_PIPELINES lists {path!r}, a database pipeline of"
+                    " scrapy-speedup: it already writes off the reactor, on a thread of its"
+                    " own, and cannot run in a worker; remove it from"
+                    " SPEEDUP_PROCESS_PIPELINES"
+                )
             if cls not in enabled:
                 raise SpeedupSettingsError(
                     f"SPEEDUP_PROCESS_PIPELINES lists {path!r}, which is not enabled in"

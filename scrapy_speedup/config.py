@@ -149,7 +149,7 @@ def _str(settings: BaseSettings, name: str, default: str | None) -> str | None:
 def _table(settings: BaseSettings, name: str) -> str:
     table = _str(settings, name, "items")
     assert table is not None
-    if not _TABLE.match(table):
+    if not _TABLE.fullmatch(table):  # fullmatch: "$" allows a trailing newline
         raise _error(
             name, table,
             "a plain table name, optionally with its schema (schema.table): letters,"

@@ -46,6 +46,14 @@ def test_listed_pipeline_must_be_enabled() -> None:
         Addon().update_settings(settings)
 
 
+@pytest.mark.parametrize("pipeline", ["SQLitePipeline", "PostgresPipeline"])
+def test_a_database_pipeline_cannot_be_listed_for_the_workers(pipeline: str) -> None:
+    path = f"scrapy_speedup.db.{pipeline}"
+    settings = Settings({"SPEEDUP_PROCESS_PIPELINES": [path], "ITEM_PIPELINES": {path: 300}})
+    with pytest.raises(SpeedupSettingsError, match="already writes off the reactor"):
+        Addon().update_settings(settings)
+
+
 def test_listed_pipeline_must_import() -> None:
     settings = Settings({"SPEEDUP_PROCESS_PIPELINES": ["tests.nowhere.Pipeline"]})
     with pytest.raises(SpeedupSettingsError, match="cannot be imported"):

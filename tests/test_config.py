@@ -94,6 +94,7 @@ def test_values_from_command_line_strings() -> None:
         ({"SPEEDUP_DB_COMMIT_INTERVAL_SECONDS": 0}, r"INTERVAL_SECONDS \(0\) must be more than 0"),
         ({"SPEEDUP_ENABLED": "maybe"}, r"SPEEDUP_ENABLED \('maybe'\) must be True or False"),
         ({"SPEEDUP_SQLITE_TABLE": "items; DROP"}, r"must be a plain table name"),
+        ({"SPEEDUP_POSTGRES_TABLE": "shop.items\n"}, r"must be a plain table name"),
         ({"SPEEDUP_ADAPTIVE_MIN_CONCURRENCY": 5, "SPEEDUP_ADAPTIVE_MAX_CONCURRENCY": 4},
          r"SPEEDUP_ADAPTIVE_MAX_CONCURRENCY \(4\) must be at least"),
         ({"SPEEDUP_PROCESS_WORKERS": 10**10}, r"SPEEDUP_PROCESS_WORKERS .* must be at most 1024"),

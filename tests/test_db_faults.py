@@ -401,3 +401,50 @@ async def test_postgres_down_during_a_stop_is_given_up_at_the_deadline(
     assert sorted(ids) == sorted(item["id"] for item in run.items)
     assert run.stat("speedup/db/row_count") == len(ids) == run.stat("item_scraped_count")
     assert run.stat("speedup/db/row_error_count") == len(run.errors)
+
+
+@inprocess
+async def test_postgres_a_row_it_cannot_take_even_alone_fails_alone(postgres_dsn: str) -> None:
+    """A trigger fails one row with a serialization failure (SQLSTATE 40001,
+    a transient error: retried) every time: after its retries the batch's
+    rows get a last try one by one, and only that row fails."""
+    import psycopg
+
+    table = fresh_table(postgres_dsn, "poison_row")
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id_ bigserial PRIMARY KEY, id bigint,"
+                     " url text, tags jsonb)")
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION poison() RETURNS trigger AS $$ BEGIN"
+            " IF NEW.id = 7 THEN RAISE EXCEPTION 'poison row' USING ERRCODE = '40001';"
+            " END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+        conn.execute(f"CREATE TRIGGER poison BEFORE INSERT ON {table}"
+                     " FOR EACH ROW EXECUTE FUNCTION poison()")
+
+    async def nothing() -> None:
+        pass
+
+    run = await crawl_with_fault(pg_settings(postgres_dsn, table, SPEEDUP_DB_RETRY_TIMES=1),
+                                 nothing, after=0, count=30)
+    assert [item["id"] for item, _ in run.errors] == [7]
+    assert "could not take this item, even alone" in str(run.errors[0][1])
+    assert "poison row" in str(run.errors[0][1])
+    assert_counts_add_up(run, pg_ids(postgres_dsn, table), count=30)
+
+
+@inprocess
+async def test_both_pipelines_keep_their_counts_apart(postgres_dsn: str, tmp_path: Path) -> None:
+    table = fresh_table(postgres_dsn, "both_pipelines")
+    settings = pg_settings(postgres_dsn, table, SPEEDUP_SQLITE_PATH=str(tmp_path / "items.db"))
+    settings["ITEM_PIPELINES"] = {"scrapy_speedup.db.PostgresPipeline": 300,
+                                  "scrapy_speedup.db.SQLitePipeline": 400}
+
+    async def nothing() -> None:
+        pass
+
+    run = await crawl_with_fault(settings, nothing, after=0, count=30)
+    assert run.errors == []
+    for database in ("postgresql", "sqlite"):
+        assert run.stat(f"speedup/db/{database}/row_count") == 30
+    assert run.stat("speedup/db/row_count") == 60
+    assert len(pg_ids(postgres_dsn, table)) == 30

@@ -142,6 +142,8 @@ class BatchingPipeline:
     def _count(self, name: str, stat: str, value: int = 1) -> None:
         self._counts[name] += value
         self.stats.inc_value(_STAT + stat, value)
+        # Per database too: with both pipelines on, the sums hold per pipeline.
+        self.stats.inc_value(f"{_STAT}{self.writer.database.lower()}/{stat}", value)
 
     # -- the pipeline -----------------------------------------------------------
 
@@ -267,8 +269,9 @@ class BatchingPipeline:
         the database is unavailable, at most SPEEDUP_DB_RETRY_TIMES times."""
         started = time.monotonic()
         retry = 0
+        one_by_one = False
         while True:
-            attempt = Attempt(batch.rows, batch.pending(), batch.doubt)
+            attempt = Attempt(batch.rows, batch.pending(), batch.doubt, one_by_one=one_by_one)
             try:
                 await self._run(attempt, self.writer.attempt)
             except Unavailable as exc:
@@ -276,6 +279,19 @@ class BatchingPipeline:
                 if not batch.pending() and not opening:
                     return
                 if retry >= self.retry_times or self._no_retries:
+                    if not opening and not one_by_one and len(batch.pending()) > 1:
+                        # One row can be what the database cannot take (a
+                        # statement timeout in a trigger, a full disk for
+                        # one large row): before failing them all, each row
+                        # gets a last try alone.
+                        one_by_one = True
+                        logger.warning(
+                            "%s: writing the %d items of a batch one by one, so that only"
+                            " an item %s cannot take fails (%s)", self.name,
+                            len(batch.pending()), self.writer.database, exc,
+                            extra={"crawler": self.crawler},
+                        )
+                        continue
                     self._give_up_batch(batch, str(exc), retry, time.monotonic() - started,
                                         opening)
                     return

@@ -114,6 +114,8 @@ class Attempt:
     doubt_checked: bool = False
     doubt_settled: bool = False
     reconnected: bool = False
+    #: The batch's last chance: each row in a transaction of its own.
+    one_by_one: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextlib.contextmanager
@@ -401,6 +403,9 @@ class DatabaseWriter(ABC):
         return None
 
     def _write(self, attempt: Attempt, todo: list[int]) -> None:
+        if attempt.one_by_one:
+            self._write_each_alone(attempt, todo)
+            return
         rows = attempt.rows
 
         def all_at_once(outcome: dict[int, Outcome]) -> None:
@@ -436,6 +441,46 @@ class DatabaseWriter(ABC):
                 self._transaction(attempt, [i], one)
             except Refused as exc:
                 attempt.settle({i: self.refusal(exc)})
+
+    def _write_each_alone(self, attempt: Attempt, todo: list[int]) -> None:
+        """Every row in a transaction of its own, so that a row the database
+        cannot take even alone (a trigger that runs past the statement
+        timeout, a serialization failure, a full disk for one large row)
+        fails alone while the database keeps taking the others. When the
+        database itself is gone, or a commit is in doubt, the batch's own
+        rules apply to the rows left. A row after a stored one is known to
+        be its own problem; the first row is not (a lock on the table looks
+        the same), so a batch whose first row is the one at fault still fails
+        as a whole."""
+        rows = attempt.rows
+        stored = False
+        previous_failed = False
+        for i in todo:
+
+            def one(outcome: dict[int, Outcome], i: int = i) -> None:
+                self.run(attempt, self.insert_many, attempt.conn, [rows[i]], row=True)
+                outcome[i] = None
+
+            try:
+                self._transaction(attempt, [i], one)
+            except Refused as exc:
+                attempt.settle({i: self.refusal(exc)})
+            except Unavailable as exc:
+                self._recover(attempt)
+                # The database, not a row, until a row proves otherwise: the
+                # first row failing (a table lock, an outage) or two in a row
+                # end the pass, which would otherwise wait out the timeout
+                # once per row.
+                if (self.conn is None or attempt.open_doubt is not None or not stored
+                        or previous_failed):
+                    raise
+                previous_failed = True
+                attempt.settle({i: (
+                    f"{self.database} could not take this item, even alone, through every"
+                    f" retry: {exc}"
+                )})
+            else:
+                stored, previous_failed = True, False
 
     def refusal(self, exc: Refused) -> str:
         return f"{self.database} refused the item: {exc}"
