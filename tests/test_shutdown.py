@@ -216,3 +216,19 @@ def test_ctrl_c_twice_while_the_workers_close_their_pipelines_is_prompt(
     assert time.monotonic() - stopped < 2.5, result.log
     assert result.returncode == 0, result.log
     assert not result.alive_descendants(grace=2)
+
+
+def test_workers_in_a_long_task_die_with_a_killed_crawl(demo_site: DemoSite,
+                                                       tmp_path: Path) -> None:
+    """The crawl is killed with SIGKILL (the OOM killer, kill -9): workers in
+    the middle of a task that would take 10 minutes, and the fork server,
+    must not live on as orphans (they ignore SIGINT and SIGTERM)."""
+    import os
+
+    crawl = start_slow_crawl(tmp_path, demo_site, "asyncio", seconds=600)
+    crawl.track_descendants()
+    os.kill(crawl.process.pid, signal.SIGKILL)
+    result = crawl.result(timeout=30)
+    assert result.returncode == -signal.SIGKILL
+    assert len(result.descendants) >= 3  # the fork server and two workers
+    assert not result.alive_descendants(grace=5)

@@ -241,6 +241,7 @@ class ProcessPool:
         warm_up_fork_server(self.config)  # a no-op if the add-on started it
         self._spec = worker.WorkerSpec(
             progress=self._progress,
+            crawl_pid=os.getpid(),
             log_level=logging.getLogger().getEffectiveLevel(),
             max_message_bytes=self._max_message_bytes,
             import_roots=_import_roots([self.crawler.spidercls.__module__]),

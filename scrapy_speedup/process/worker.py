@@ -15,6 +15,7 @@ import collections.abc
 import logging
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -75,6 +76,8 @@ class WorkerSpec:
     progress: Any
     log_level: int
     max_message_bytes: int
+    # The crawl's process: a worker dies with it (see _die_with_the_crawl).
+    crawl_pid: int = 0
     # Folders to put first on the worker's sys.path before anything of the
     # project is unpickled (see pool._import_roots).
     import_roots: tuple[str, ...] = ()
@@ -196,6 +199,7 @@ def main(conn: Connection, spec: WorkerSpec, index: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.path[:0] = [root for root in spec.import_roots if root not in sys.path]
+    _die_with_the_crawl(spec.crawl_pid)
     channel = _Channel(conn, spec.max_message_bytes)
     root = logging.getLogger()
     for handler in root.handlers[:]:
@@ -231,6 +235,36 @@ def main(conn: Connection, spec: WorkerSpec, index: int) -> None:
         progress[2 * index + 1] = time.monotonic()
         channel.send(Result(message.seq, run_task(state, message.body)))
     _close_pipelines(state, reason)
+
+
+def _die_with_the_crawl(crawl_pid: int) -> None:
+    """End this worker as soon as the crawl's process is gone (killed with
+    SIGKILL, or by the OOM killer): a worker notices a closed socket only
+    between tasks, so one in a long or hung task would live on, orphaned, and
+    it ignores SIGTERM. A pidfd becomes readable when the process exits; it
+    is opened while the crawl is alive, so a reused pid cannot fool it."""
+    if not crawl_pid:
+        return
+    try:
+        pidfd = os.pidfd_open(crawl_pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: poll the pid instead
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(crawl_pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    continue
+        os._exit(1)
+
+    threading.Thread(target=watch, name="scrapy-speedup-crawl-watch", daemon=True).start()
 
 
 def _call(state: _State, method: Any, *args: Any) -> Any:
