@@ -123,6 +123,7 @@ class BatchingPipeline:
         # (SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS) passed; "" until then.
         self._no_retries = ""
         self._sleeping: asyncio.Future[Any] | Deferred[Any] | None = None
+        self._attempt: Attempt | None = None  # the latest, maybe running
         self._extension.when_giving_up(self._stop_retrying)
         self._pending: list[tuple[Row, asyncio.Future[Any] | Deferred[Any]]] = []
         self._oldest = 0.0  # when the oldest pending row arrived
@@ -271,7 +272,9 @@ class BatchingPipeline:
         retry = 0
         one_by_one = False
         while True:
-            attempt = Attempt(batch.rows, batch.pending(), batch.doubt, one_by_one=one_by_one)
+            attempt = Attempt(batch.rows, batch.pending(), batch.doubt, one_by_one=one_by_one,
+                              hurry=bool(self._no_retries))
+            self._attempt = attempt
             try:
                 await self._run(attempt, self.writer.attempt)
             except Unavailable as exc:
@@ -368,6 +371,8 @@ class BatchingPipeline:
         while the database is down ends in bounded time; rows still get one
         attempt each, as the database may be up."""
         self._no_retries = f"no more retries: {why}"
+        if self._attempt is not None:
+            self._attempt.hurry = True
         if self._sleeping is not None:
             self.bridge.resolve(self._sleeping, None)
 

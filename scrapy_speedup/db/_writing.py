@@ -116,6 +116,9 @@ class Attempt:
     reconnected: bool = False
     #: The batch's last chance: each row in a transaction of its own.
     one_by_one: bool = False
+    #: Set from the reactor when the crawl's stop deadline passes: a row the
+    #: database cannot take ends the one-by-one pass.
+    hurry: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextlib.contextmanager
@@ -149,6 +152,11 @@ class Attempt:
     def abandon(self) -> None:
         with self.lock:
             self.abandoned = True
+
+
+# The most rows one batch's one-by-one pass fails alone, each possibly after
+# the whole database timeout, before the rest fail with the batch.
+_MAX_FAILED_ALONE = 5
 
 
 class DatabaseWriter(ABC):
@@ -448,13 +456,12 @@ class DatabaseWriter(ABC):
         timeout, a serialization failure, a full disk for one large row)
         fails alone while the database keeps taking the others. When the
         database itself is gone, or a commit is in doubt, the batch's own
-        rules apply to the rows left. A row after a stored one is known to
-        be its own problem; the first row is not (a lock on the table looks
-        the same), so a batch whose first row is the one at fault still fails
-        as a whole."""
+        rules apply to the rows left: after two failing rows in a row (a lock
+        on the table looks like that), after _MAX_FAILED_ALONE rows failed
+        alone, or once the crawl's stop deadline has passed."""
         rows = attempt.rows
-        stored = False
         previous_failed = False
+        failed_alone = 0
         for i in todo:
 
             def one(outcome: dict[int, Outcome], i: int = i) -> None:
@@ -467,20 +474,20 @@ class DatabaseWriter(ABC):
                 attempt.settle({i: self.refusal(exc)})
             except Unavailable as exc:
                 self._recover(attempt)
-                # The database, not a row, until a row proves otherwise: the
-                # first row failing (a table lock, an outage) or two in a row
-                # end the pass, which would otherwise wait out the timeout
-                # once per row.
-                if (self.conn is None or attempt.open_doubt is not None or not stored
-                        or previous_failed):
+                # Each failing row may have waited the whole timeout: two in
+                # a row mean the database itself (a lock, an outage), and the
+                # pass is bounded in rows and by the crawl's stop deadline.
+                if (self.conn is None or attempt.open_doubt is not None or previous_failed
+                        or failed_alone >= _MAX_FAILED_ALONE or attempt.hurry):
                     raise
                 previous_failed = True
+                failed_alone += 1
                 attempt.settle({i: (
                     f"{self.database} could not take this item, even alone, through every"
                     f" retry: {exc}"
                 )})
             else:
-                stored, previous_failed = True, False
+                previous_failed = False
 
     def refusal(self, exc: Refused) -> str:
         return f"{self.database} refused the item: {exc}"
