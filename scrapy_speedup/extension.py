@@ -296,8 +296,8 @@ class SpeedupExtension:
         Scrapy waits for this handler; it returns once the engine has closed
         the spider, at once on a forced stop (Ctrl-C twice), and in bounded
         time in any case."""
-        if self._spider_close_ended():
-            return
+        if self._spider_close_ended() or (self._pool is None and self._threads is None):
+            return  # nothing of scrapy-speedup's is closing: Scrapy's own behaviour
         # The pool's close waits at most the timeout for its tasks and again
         # for its workers; the thread pool's once more.
         bound_s = 3 * self.config.shutdown_timeout_seconds + 5
@@ -314,6 +314,11 @@ class SpeedupExtension:
             waiter = self.bridge.new_waiter()
             self.bridge.call_later(_CLOSE_POLL_S, self.bridge.resolve, waiter, None)
             await waiter
+        if not self._spider_close_ended():
+            logger.warning(
+                "scrapy-speedup: the spider's close had not ended after %d s; the crawl"
+                " stops without it", bound_s, extra={"crawler": self.crawler},
+            )
 
     def _spider_close_ended(self) -> bool:
         engine = self.crawler.engine
