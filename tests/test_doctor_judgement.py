@@ -70,9 +70,15 @@ def test_a_call_that_waited_is_named_with_the_thread_fix(doctor: ReactorDoctor) 
 
 
 def test_a_call_long_on_the_cpu_is_named_with_the_process_fix(doctor: ReactorDoctor) -> None:
-    component, _, _, kind, nature = judge(doctor, call(PARSE, 30, 12, 2))
+    component, _, _, kind, nature = judge(doctor, call(PARSE, 30, 25, 2))
     assert (component, kind, nature) == (PARSE, "call", "cpu")
     assert "run_in_process" in doctor._fix(PARSE, nature)
+
+
+def test_a_sleep_whose_samples_cost_5_ms_of_cpu_still_waits(doctor: ReactorDoctor) -> None:
+    # 150 ms asleep; 40 samples at ~0.15 ms each on a loaded machine.
+    component, _, _, kind, nature = judge(doctor, call(PARSE, 150, 6, 40))
+    assert (component, kind, nature) == (PARSE, "call", "waits")
 
 
 def test_a_long_library_call_is_library_not_many_short_calls(doctor: ReactorDoctor) -> None:
