@@ -440,15 +440,19 @@ class DatabaseWriter(ABC):
                 continue
             return
         for i in todo:  # a commit was refused: each row on its own
+            self._write_alone(attempt, i)
 
-            def one(outcome: dict[int, Outcome], i: int = i) -> None:
-                self.run(attempt, self.insert_many, attempt.conn, [rows[i]], row=True)
-                outcome[i] = None
+    def _write_alone(self, attempt: Attempt, i: int) -> None:
+        """Row *i* in a transaction of its own; a refusal fails it alone."""
 
-            try:
-                self._transaction(attempt, [i], one)
-            except Refused as exc:
-                attempt.settle({i: self.refusal(exc)})
+        def one(outcome: dict[int, Outcome]) -> None:
+            self.run(attempt, self.insert_many, attempt.conn, [attempt.rows[i]], row=True)
+            outcome[i] = None
+
+        try:
+            self._transaction(attempt, [i], one)
+        except Refused as exc:
+            attempt.settle({i: self.refusal(exc)})
 
     def _write_each_alone(self, attempt: Attempt, todo: list[int]) -> None:
         """Every row in a transaction of its own, so that a row the database
@@ -459,19 +463,11 @@ class DatabaseWriter(ABC):
         rules apply to the rows left: after two failing rows in a row (a lock
         on the table looks like that), after _MAX_FAILED_ALONE rows failed
         alone, or once the crawl's stop deadline has passed."""
-        rows = attempt.rows
         previous_failed = False
         failed_alone = 0
         for i in todo:
-
-            def one(outcome: dict[int, Outcome], i: int = i) -> None:
-                self.run(attempt, self.insert_many, attempt.conn, [rows[i]], row=True)
-                outcome[i] = None
-
             try:
-                self._transaction(attempt, [i], one)
-            except Refused as exc:
-                attempt.settle({i: self.refusal(exc)})
+                self._write_alone(attempt, i)
             except Unavailable as exc:
                 self._recover(attempt)
                 # Each failing row may have waited the whole timeout: two in
