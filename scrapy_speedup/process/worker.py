@@ -241,8 +241,9 @@ def _die_with_the_crawl(crawl_pid: int) -> None:
     """End this worker as soon as the crawl's process is gone (killed with
     SIGKILL, or by the OOM killer): a worker notices a closed socket only
     between tasks, so one in a long or hung task would live on, orphaned, and
-    it ignores SIGTERM. A pidfd becomes readable when the process exits; it
-    is opened while the crawl is alive, so a reused pid cannot fool it."""
+    it ignores SIGTERM. A pidfd becomes readable when the process exits; it is
+    opened as the worker starts, while the crawl waits for it, so a reused
+    pid is unlikely to fool it (the fallback's polling is less sure)."""
     if not crawl_pid:
         return
     try:
@@ -252,7 +253,9 @@ def _die_with_the_crawl(crawl_pid: int) -> None:
 
     def watch() -> None:
         if pidfd is not None:
-            select.select([pidfd], [], [])
+            poller = select.poll()  # not select(): it refuses fds over 1023
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
         else:
             while True:
                 time.sleep(1.0)
