@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.misc import load_object
@@ -16,11 +17,23 @@ from scrapy_speedup.process.pipeline import process_pipeline_class
 from scrapy_speedup.process.pool import warm_up_fork_server
 
 if TYPE_CHECKING:
+    from typing import Self
+
+    from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
 
 __all__ = ["Addon"]
 
 logger = logging.getLogger(__name__)
+
+# The priority of the settings the add-on must decide in the coordinator and
+# in engine processes, whatever the project or the command line says: above
+# "cmdline" (40).
+_DECIDES = 100
+_CLOSESPIDER = (
+    "CLOSESPIDER_TIMEOUT", "CLOSESPIDER_ITEMCOUNT", "CLOSESPIDER_PAGECOUNT",
+    "CLOSESPIDER_ERRORCOUNT", "CLOSESPIDER_TIMEOUT_NO_ITEM", "CLOSESPIDER_PAGECOUNT_NO_ITEM",
+)
 
 
 class Addon:
@@ -29,7 +42,18 @@ class Addon:
     Adds :class:`SpeedupExtension` and moves the pipelines listed in
     ``SPEEDUP_PROCESS_PIPELINES`` into the process pool. Settings are checked
     here, so a bad value stops the crawl before it starts.
+
+    With ``SPEEDUP_CRAWL_PROCESSES`` above 1 it makes the crawler the
+    coordinator of engine processes, or, in an engine process, an engine
+    (see :mod:`scrapy_speedup.crawl`).
     """
+
+    def __init__(self, crawler: Crawler | None = None) -> None:
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
 
     def update_settings(self, settings: BaseSettings) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
@@ -45,8 +69,23 @@ class Addon:
         config = SpeedupConfig.from_settings(settings)
         if not config.enabled:
             return
+        if config.coordinates:
+            if self.crawler is None:
+                raise SpeedupSettingsError(
+                    "SPEEDUP_CRAWL_PROCESSES needs the add-on loaded by Scrapy (ADDONS)"
+                )
+            from scrapy_speedup.crawl.engine_process import remember
+
+            # The engines' settings: as the project and the command line made
+            # them, before anything of the coordinator's is set.
+            remember(self.crawler, settings)
         settings.set_in_component_priority_dict("EXTENSIONS", SpeedupExtension, 0)
         self._hold_slot_limits(settings)
+        if config.coordinates:
+            self._as_coordinator(settings, config)
+            return
+        if config.engine_index is not None:
+            self._as_engine(settings, config, config.engine_index)
         if config.adaptive_enabled:
             from scrapy_speedup.adaptive import AdaptiveConcurrencyMiddleware
 
@@ -68,6 +107,66 @@ class Addon:
             # Only when process work is certain: it costs ~0.4 s of CPU, which
             # a crawl that never offloads should not pay.
             warm_up_fork_server(config)
+
+    @staticmethod
+    def _as_coordinator(settings: BaseSettings, config: SpeedupConfig) -> None:
+        """The process the user started holds the frontier and downloads
+        nothing: its scheduler wraps the project's, its downloader leases to
+        the engines, and its item pipelines are the crawl's
+        (SPEEDUP_CRAWL_PIPELINES); downloader middlewares run in the engines."""
+        from scrapy_speedup.crawl.frontier import INNER_SCHEDULER_SETTING
+
+        if settings.getint("CLOSESPIDER_PAGECOUNT_NO_ITEM"):
+            raise SpeedupSettingsError(
+                "CLOSESPIDER_PAGECOUNT_NO_ITEM is not supported with SPEEDUP_CRAWL_PROCESSES"
+                " above 1 (pages without items in a row have no order across engine"
+                " processes); use CLOSESPIDER_TIMEOUT_NO_ITEM"
+            )
+        settings.set(INNER_SCHEDULER_SETTING, settings.get("SCHEDULER"), priority=_DECIDES)
+        settings.set("SCHEDULER", "scrapy_speedup.crawl.frontier.FrontierScheduler",
+                     priority=_DECIDES)
+        settings.set("DOWNLOADER", "scrapy_speedup.crawl.downloader.CoordinatorDownloader",
+                     priority=_DECIDES)
+        settings.set("DOWNLOADER_MIDDLEWARES_BASE", {}, priority=_DECIDES)
+        settings.set("DOWNLOADER_MIDDLEWARES", {}, priority=_DECIDES)
+        settings.set("ITEM_PIPELINES_BASE", {}, priority=_DECIDES)
+        settings.set("ITEM_PIPELINES", dict(config.crawl_pipelines), priority=_DECIDES)
+
+    @staticmethod
+    def _as_engine(settings: BaseSettings, config: SpeedupConfig, index: int) -> None:
+        """An engine process downloads and handles what it is lent. The
+        crawl's limits, delays, feeds, JOBDIR and stats dump are the
+        coordinator's."""
+        decide: dict[str, Any] = {
+            "SCHEDULER": "scrapy_speedup.crawl.lease_scheduler.LeaseScheduler",
+            "FEEDS": {},
+            "DOWNLOAD_DELAY": 0,
+            "AUTOTHROTTLE_ENABLED": False,
+            "STATS_DUMP": False,
+            "LOGSTATS_INTERVAL": 0,
+            "JOBDIR": None,
+            "TELNETCONSOLE_ENABLED": False,
+            "LOG_FILE_APPEND": True,
+            **dict.fromkeys(_CLOSESPIDER, 0),
+        }
+        slots = settings.getdict("DOWNLOAD_SLOTS")
+        if slots:
+            decide["DOWNLOAD_SLOTS"] = {
+                key: {k: v for k, v in dict(value).items() if k != "delay"}
+                for key, value in slots.items()
+            }
+        log_format = settings.get("LOG_FORMAT") or ""
+        if "[%(name)s]" in log_format:
+            decide["LOG_FORMAT"] = log_format.replace("[%(name)s]", f"[engine {index}] [%(name)s]")
+        else:
+            decide["LOG_FORMAT"] = f"[engine {index}] {log_format}"
+        for name, value in decide.items():
+            settings.set(name, value, priority=_DECIDES)
+        if settings.getpriority("SPEEDUP_PROCESS_WORKERS") is None:
+            # One worker per core for the whole crawl, not per engine.
+            cores = os.cpu_count() or 1
+            settings.set("SPEEDUP_PROCESS_WORKERS",
+                         max(1, round(cores / config.crawl_processes)), priority="addon")
 
     @staticmethod
     def _hold_slot_limits(settings: BaseSettings) -> None:

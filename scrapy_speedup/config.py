@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
 
-__all__ = ["SpeedupConfig", "SpeedupSettingsError", "default_start_method"]
+__all__ = ["ENGINE_INDEX_SETTING", "SpeedupConfig", "SpeedupSettingsError", "default_start_method"]
 
 #: Offloading a call costs the crawl's process ~55 us alone and ~0.2-0.4 ms in a
 #: busy crawl (pickling, the socket, an extra turn of the loop): always
@@ -221,6 +221,56 @@ def _per_slot_default(settings: BaseSettings) -> int:
     return 8
 
 
+#: The setting that scrapy-speedup sets in an engine process (its index). It
+#: is not a user setting: a crawl that sets it by hand would act as an engine.
+ENGINE_INDEX_SETTING = "_SPEEDUP_ENGINE_INDEX"
+
+
+def _crawl_processes(settings: BaseSettings) -> int:
+    name = "SPEEDUP_CRAWL_PROCESSES"
+    value = _raw(settings, name)
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    number = _int(settings, name, 1, minimum=1, maximum=_MAX_WORKERS)
+    assert number is not None
+    return number
+
+
+def _pipeline_dict(settings: BaseSettings, name: str) -> dict[str, int]:
+    """A component dict like ITEM_PIPELINES ({path: order}); a list is taken
+    too, in its order. Entries set to None are off, as in Scrapy."""
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text[:1] in "[{" else None
+        except ValueError:
+            raise _error(name, value, "a dict of import paths and orders; this is not valid"
+                         " JSON") from None
+        if value is None:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        value = {item: index for index, item in enumerate(value)}
+    if not hasattr(value, "items"):
+        raise _error(name, value, "a dict of import paths and orders, like ITEM_PIPELINES")
+    pipelines: dict[str, int] = {}
+    for entry, order in dict(value.items()).items():
+        if order is None:
+            continue
+        key = f"{entry.__module__}.{entry.__qualname__}" if isinstance(entry, type) else entry
+        if not isinstance(key, str) or not key.strip():
+            raise SpeedupSettingsError(f"{name} must name pipelines by import path, got {key!r}")
+        if isinstance(order, bool) or not isinstance(order, int):
+            raise SpeedupSettingsError(
+                f"{name} gives {key!r} the order {order!r}: it must be an integer"
+            )
+        pipelines[key.strip()] = order
+    return pipelines
+
+
 # One parse per crawler; see SpeedupConfig.of.
 _of_crawler: weakref.WeakKeyDictionary[Crawler, SpeedupConfig] = weakref.WeakKeyDictionary()
 
@@ -264,6 +314,17 @@ class SpeedupConfig:
     db_commit_interval_seconds: float
     db_timeout_seconds: float
     db_retry_times: int
+    crawl_processes: int
+    crawl_pipelines: dict[str, int]
+    crawl_start_timeout_seconds: float
+    #: Set by scrapy-speedup in the settings of each engine process (its
+    #: index, from 0); None in the process the user started.
+    engine_index: int | None
+
+    @property
+    def coordinates(self) -> bool:
+        """Whether this crawler is the coordinator of engine processes."""
+        return self.crawl_processes > 1 and self.engine_index is None
 
     @classmethod
     def of(cls, crawler: Crawler) -> Self:
@@ -352,5 +413,14 @@ class SpeedupConfig:
             ),
             "db_timeout_seconds": _float(settings, "SPEEDUP_DB_TIMEOUT_SECONDS", 60.0),
             "db_retry_times": _int(settings, "SPEEDUP_DB_RETRY_TIMES", 5, minimum=0),
+            "crawl_processes": _crawl_processes(settings),
+            "crawl_pipelines": _pipeline_dict(settings, "SPEEDUP_CRAWL_PIPELINES"),
+            # Each engine process imports the project and opens the spider and
+            # its pipelines: seconds, or a minute for a heavy model loaded in
+            # open_spider; past this the crawl stops rather than wait forever.
+            "crawl_start_timeout_seconds": _float(
+                settings, "SPEEDUP_CRAWL_START_TIMEOUT_SECONDS", 120.0
+            ),
+            "engine_index": _int(settings, ENGINE_INDEX_SETTING, None, minimum=0),
         }
         return cls(**values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "DatabaseError",
+    "EngineProcessError",
     "OffloadError",
     "PoolClosedError",
     "ProtocolError",
@@ -58,6 +59,11 @@ class ProtocolError(OffloadError):
     """A worker's socket carried bytes that are not a valid message (a frame
     over the size limit, an unknown kind, a result for a task it does not
     hold). The worker is ended; its tasks are handled as after a crash."""
+
+
+class EngineProcessError(RuntimeError):
+    """An engine process of ``SPEEDUP_CRAWL_PROCESSES`` failed to start, or
+    the crawl could not go on without it."""
 
 
 class ThreadPoolExhaustedError(RuntimeError):

@@ -47,3 +47,25 @@ class FaultPipeline:
             time.sleep(self.close_sleep_s)
         self.stats.inc_value("test/pipeline_closed")
         self._mark("closed")
+
+
+class SeenOnce:
+    """A crawl-wide pipeline: counts URLs it sees once and again, and the
+    engine processes its items came from."""
+
+    def __init__(self, crawler):
+        self.stats = crawler.stats
+        self.seen: set[str] = set()
+        self.pids: set[int] = set()
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        return cls(crawler)
+
+    def process_item(self, item):
+        key = "test/seen_twice" if item["url"] in self.seen else "test/seen_once"
+        self.seen.add(item["url"])
+        self.pids.add(item["pid"])
+        self.stats.inc_value(key)
+        self.stats.set_value("test/seen_pids", len(self.pids))
+        return item

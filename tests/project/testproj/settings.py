@@ -1,5 +1,8 @@
 BOT_NAME = "testproj"
-SPIDER_MODULES = ["testproj.spiders", "testproj.spiders_blocking", "testproj.spiders_doctor"]
+SPIDER_MODULES = [
+    "testproj.spiders", "testproj.spiders_blocking", "testproj.spiders_doctor",
+    "testproj.spiders_crawl",
+]
 ROBOTSTXT_OBEY = False
 LOG_LEVEL = "INFO"
 TELNETCONSOLE_ENABLED = False

@@ -1,0 +1,225 @@
+"""The coordinator's scheduler: the crawl's one frontier.
+
+It wraps the project's own scheduler (``SCHEDULER``, Scrapy's by default),
+so its queues, priorities, ``DUPEFILTER_CLASS`` and ``JOBDIR`` keep working,
+and it never gives the coordinator's engine a request to download: a
+dispatcher takes requests from the queues in priority order into the
+coordinator's downloader, whose per-site slots (``CONCURRENT_REQUESTS*``,
+``DOWNLOAD_DELAY``, AutoThrottle, adaptive concurrency) hold for the whole
+crawl, and which lends each request to an engine process
+(:mod:`.downloader`, :mod:`.coordinator`).
+
+The crawl is idle, and Scrapy's ``spider_idle`` is sent, only when the queues
+are empty and every lease has been acknowledged. The coordinator's close
+(any reason: finished, Ctrl-C, a CLOSESPIDER_* limit) first closes the engine
+processes: the engine's close waits for them, then the crawl pipelines and
+feeds close with every item in.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import TYPE_CHECKING, Any
+
+from scrapy import Request, signals
+from scrapy.core.scheduler import BaseScheduler
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
+from scrapy.utils.misc import build_from_crawler, load_object
+
+from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.crawl.coordinator import Coordinator
+from scrapy_speedup.crawl.engine_process import spec_for
+from scrapy_speedup.extension import SpeedupExtension
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from scrapy import Spider
+    from scrapy.crawler import Crawler
+    from twisted.internet.defer import Deferred
+
+    from scrapy_speedup._bridge import Timer
+
+__all__ = ["INNER_SCHEDULER_SETTING", "FrontierScheduler"]
+
+logger = logging.getLogger(__name__)
+
+#: Where the add-on keeps the project's SCHEDULER, which the frontier wraps.
+INNER_SCHEDULER_SETTING = "_SPEEDUP_FRONTIER_SCHEDULER"
+# Items waiting for the crawl's pipelines at which no new request is leased:
+# a slow crawl pipeline slows the crawl instead of filling memory.
+_ITEMS_HIGH = 2000
+_HELD_POLL_S = 0.05
+
+
+class _EnginesAtWork(Request):
+    """Held in the coordinator engine's requests in progress while engine
+    processes run: Scrapy's close waits for it (as for any request in
+    progress) before it closes the downloader, pipelines and feeds."""
+
+
+class FrontierScheduler(BaseScheduler):
+    def __init__(self, crawler: Crawler, inner: BaseScheduler) -> None:
+        self.crawler = crawler
+        self.inner = inner
+        self.config = SpeedupConfig.of(crawler)
+        self.coordinator: Coordinator | None = None
+        self._pump_timer: Timer | None = None
+        self._sentinel = _EnginesAtWork("data:,")
+        self._warned_callbacks: set[str] = set()
+        self._closing = False
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        path = crawler.settings.get(INNER_SCHEDULER_SETTING) or "scrapy.core.scheduler.Scheduler"
+        inner = build_from_crawler(load_object(path), crawler)
+        return cls(crawler, inner)
+
+    # -- life cycle -------------------------------------------------------------
+
+    def open(self, spider: Spider) -> Deferred[None]:
+        return deferred_from_coro(self._open(spider))
+
+    async def _open(self, spider: Spider) -> None:
+        result = self.inner.open(spider) if hasattr(self.inner, "open") else None
+        if result is not None:
+            await maybe_deferred_to_future(result)
+        engine = self.crawler.engine
+        bridge = SpeedupExtension.of(self.crawler).bridge
+        self.coordinator = Coordinator(
+            self.crawler, self.config, bridge, enqueue=self._enqueue, requeue=self.requeue,
+            wake=self._wake_engine, on_closed=self._engines_closed,
+        )
+        # Every way the crawl closes goes through the engine's
+        # close_spider_async: the engines are asked to close at once (no
+        # signal marks the start of a close; spider_closed comes too late).
+        original = engine.close_spider_async
+
+        async def close_spider_async(*, reason: str = "cancelled") -> None:
+            self._closing = True
+            if self.coordinator is not None:
+                self.coordinator.begin_close(reason)
+            await original(reason=reason)
+
+        engine.close_spider_async = close_spider_async  # type: ignore[method-assign]
+        assert engine._slot is not None
+        engine._slot.add_request(self._sentinel)
+        await self.coordinator.start(spec_for(self.crawler))
+        self.pump_soon()
+
+    def close(self, reason: str) -> Deferred[None] | None:
+        # The engines have closed (the engine's close waited for them).
+        own = self.crawler.stats.get_stats()
+        if self.coordinator is not None:
+            totals = self.coordinator.crawl_totals(own)
+            for key, value in totals.items():
+                self.crawler.stats.set_value(key, value)
+        if hasattr(self.inner, "close"):
+            return self.inner.close(reason)
+        return None
+
+    def _engines_closed(self) -> None:
+        engine = self.crawler.engine
+        slot = getattr(engine, "_slot", None)
+        if slot is not None and self._sentinel in slot.inprogress:
+            slot.remove_request(self._sentinel)
+
+    # -- the scheduler's interface ------------------------------------------------
+
+    def has_pending_requests(self) -> bool:
+        return self.inner.has_pending_requests() or (
+            self.coordinator is not None and self.coordinator.outstanding > 0
+        )
+
+    def enqueue_request(self, request: Request) -> bool:
+        """A request made in this process (start(), a spider_idle handler):
+        refused, with an error, if it cannot be sent to an engine process."""
+        try:
+            pickle.dumps(request.to_dict(spider=self.crawler.spider))
+        except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything
+            self.crawler.stats.inc_value("speedup/crawl/unserializable_count")
+            key = repr(getattr(request.callback, "__qualname__", request.callback))
+            if key not in self._warned_callbacks:
+                self._warned_callbacks.add(key)
+                logger.error(
+                    "scrapy-speedup: %s (callback %s) was made in the coordinator and cannot"
+                    " be sent to an engine process: %s. Requests of the spider's start()"
+                    " must use spider methods as callbacks and picklable meta and"
+                    " cb_kwargs; it is dropped", request, key, exc,
+                    extra={"crawler": self.crawler},
+                )
+            return False
+        return self._enqueue_known(request)
+
+    def next_request(self) -> Request | None:
+        # The coordinator downloads nothing itself: see pump().
+        return None
+
+    def __len__(self) -> int:
+        return len(self.inner) if hasattr(self.inner, "__len__") else 0  # type: ignore[arg-type]
+
+    # -- requests from engines ------------------------------------------------------
+
+    def _enqueue(self, request: Request) -> None:
+        if not self._enqueue_known(request):
+            self.crawler.signals.send_catch_log(
+                signals.request_dropped, request=request, spider=self.crawler.spider
+            )
+
+    def _enqueue_known(self, request: Request) -> bool:
+        added = bool(self.inner.enqueue_request(request))
+        if added:
+            self.pump_soon()
+        return added
+
+    def requeue(self, request: Request) -> None:
+        """Put back a request that was leased and not handled: past the
+        dupefilter, which has seen it."""
+        self.crawler.stats.inc_value("speedup/crawl/requeued_count")
+        self.inner.enqueue_request(request.replace(dont_filter=True) if not request.dont_filter
+                                   else request)
+        self.pump_soon()
+
+    # -- the dispatcher ------------------------------------------------------------
+
+    def pump_soon(self, delay: float = 0.0) -> None:
+        if self._pump_timer is None and self.coordinator is not None:
+            self._pump_timer = self.coordinator.bridge.call_later(delay, self.pump)
+
+    def pump(self) -> None:
+        """Move requests from the queues into the downloader while the crawl
+        has room: CONCURRENT_REQUESTS in flight in all, an engine with room
+        for a lease, the crawl pipelines keeping up."""
+        self._pump_timer = None
+        coordinator = self.coordinator
+        engine = self.crawler.engine
+        if coordinator is None or self._closing or engine is None or engine.spider is None:
+            return
+        downloader = engine.downloader
+        scraper_slot: Any = engine.scraper.slot
+        while not downloader.needs_backout():
+            if scraper_slot is not None and scraper_slot.itemproc_size >= _ITEMS_HIGH:
+                self.pump_soon(_HELD_POLL_S)
+                return
+            if not coordinator.accepting:
+                return  # an acknowledgement or a new engine pumps again
+            request = self.inner.next_request()
+            if request is None:
+                return
+            deferred = downloader.fetch(request)
+            deferred.addBoth(self._fetched)
+
+    def _fetched(self, _: Any) -> None:
+        # Whatever the outcome, the engine that had the lease has dealt with
+        # it (its errback ran there); the downloader has a place free.
+        self.pump_soon()
+
+    def _wake_engine(self) -> None:
+        """Have the coordinator's engine look at once whether the crawl is
+        idle (it would otherwise wait for its 5-second heartbeat)."""
+        self.pump_soon()
+        slot = getattr(self.crawler.engine, "_slot", None)
+        nextcall = getattr(slot, "nextcall", None)
+        if nextcall is not None:
+            nextcall.schedule()

@@ -1,0 +1,74 @@
+"""Spiders for the tests of engine processes (SPEEDUP_CRAWL_PROCESSES)."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import scrapy
+from scrapy.exceptions import CloseSpider
+
+
+class FollowSpider(scrapy.Spider):
+    """Follows every link of the demo site from its home page: most links are
+    to pages already seen (related products, the navigation)."""
+
+    name = "follow"
+    custom_settings = {"ITEM_PIPELINES": {}}
+
+    def __init__(self, site, close_at="", **kwargs):
+        super().__init__(**kwargs)
+        self.site = site.rstrip("/")
+        self.host = urlparse(self.site).netloc
+        self.close_at = close_at
+
+    async def start(self):
+        yield scrapy.Request(f"{self.site}/")
+
+    def parse(self, response):
+        if self.close_at and response.url.endswith(self.close_at):
+            raise CloseSpider("asked_by_a_callback")
+        yield {"url": response.url, "title": response.css("title::text").get(),
+               "pid": os.getpid()}
+        for href in response.css("a::attr(href)").getall():
+            url = response.urljoin(href)
+            if urlparse(url).netloc == self.host:
+                yield scrapy.Request(url)
+
+
+class PagesSpider(scrapy.Spider):
+    """``/page/0`` .. ``/page/count-1`` of the capacity site.
+
+    ``again=1`` asks for each page a second time with ``dont_filter=True``
+    (and a third time without it: filtered); ``lambdas=K`` has the callback
+    of every K-th page ask for one more page with a lambda callback, which
+    cannot leave its engine process; ``priority=1`` gives page n priority n."""
+
+    name = "crawl_pages"
+    custom_settings = {"ITEM_PIPELINES": {}}
+
+    def __init__(self, site, count="50", again="0", lambdas="0", priority="0", **kwargs):
+        super().__init__(**kwargs)
+        self.site = site.rstrip("/")
+        self.count = int(count)
+        self.again = again == "1"
+        self.lambdas = int(lambdas)
+        self.priority = priority == "1"
+
+    async def start(self):
+        for n in range(self.count):
+            prio = n if self.priority else 0
+            yield scrapy.Request(f"{self.site}/page/{n}", cb_kwargs={"n": n}, priority=prio,
+                                 meta={"sent_as": n}, flags=["test-flag"])
+            if self.again:
+                yield scrapy.Request(f"{self.site}/page/{n}", cb_kwargs={"n": n, "again": True},
+                                     dont_filter=True)
+                yield scrapy.Request(f"{self.site}/page/{n}", cb_kwargs={"n": n, "again": True})
+
+    def parse(self, response, n, again=False):
+        assert response.meta.get("sent_as", n) == n  # meta and cb_kwargs travel
+        yield {"n": n, "again": again, "pid": os.getpid(),
+               "flags": response.request.flags}
+        if self.lambdas and n % self.lambdas == 0:
+            m = self.count + n
+            yield scrapy.Request(f"{self.site}/page/{m}", callback=lambda r: [{"n": m}])

@@ -1,0 +1,172 @@
+"""Engine processes (SPEEDUP_CRAWL_PROCESSES): one crawl, the same as in one
+process, on every core. Whole ``scrapy crawl`` runs against real local sites."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DemoSite, run_crawl, start_capacity_site
+
+pytestmark = pytest.mark.subprocess
+
+TWO = {"SPEEDUP_CRAWL_PROCESSES": 2}
+
+
+def engine_pids(items: list[dict]) -> set[int]:
+    return {item["pid"] for item in items if "pid" in item}
+
+
+def test_same_crawl_as_one_process(demo_site: DemoSite, runtime: str, tmp_path: Path) -> None:
+    """The demo site, every link followed (most are to pages already seen):
+    the same pages, each scraped once, and the same counts."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = run_crawl(tmp_path / "one", spider="follow", runtime=runtime,
+                    args={"site": demo_site.url})
+    two = run_crawl(tmp_path / "two", spider="follow", runtime=runtime,
+                    args={"site": demo_site.url}, settings=TWO)
+    for result in (one, two):
+        assert result.returncode == 0, result.log
+        assert result.stats["finish_reason"] == "finished"
+    urls_one = Counter(item["url"] for item in one.items)
+    urls_two = Counter(item["url"] for item in two.items)
+    assert urls_two == urls_one
+    assert max(urls_two.values()) == 1
+    assert len(urls_one) > 500  # the whole site, not a start page
+    for key in ("item_scraped_count", "response_received_count", "dupefilter/filtered"):
+        assert two.stats[key] == one.stats[key], key
+    assert two.stats["speedup/crawl/processes"] == 2
+    per_engine = [two.stats[f"speedup/crawl/engine/{i}/response_received_count"]
+                  for i in range(2)]
+    assert sum(per_engine) == two.stats["response_received_count"]
+    assert min(per_engine) > 0, per_engine  # both engines crawled
+    assert len(engine_pids(two.items)) == 2
+    assert "Traceback" not in two.log, two.log
+
+
+def test_dont_filter_and_duplicates(tmp_path: Path) -> None:
+    """Each page asked three times: once, again with dont_filter=True (crawled
+    again), and again without it (filtered), across processes."""
+    site = start_capacity_site(capacity=100, latency_ms=5)
+    try:
+        result = run_crawl(tmp_path, spider="crawl_pages", settings=TWO,
+                           args={"site": site.url, "count": 40, "again": 1})
+    finally:
+        site.process.terminate()
+    assert result.returncode == 0, result.log
+    seen = Counter((item["n"], item["again"]) for item in result.items)
+    assert seen == Counter({**{(n, False): 1 for n in range(40)},
+                            **{(n, True): 1 for n in range(40)}})
+    assert result.stats["dupefilter/filtered"] == 40
+    assert all(item["flags"] == ["test-flag"] for item in result.items if not item["again"])
+
+
+def test_requests_that_cannot_travel_stay_in_their_engine(tmp_path: Path) -> None:
+    site = start_capacity_site(capacity=100, latency_ms=5)
+    try:
+        result = run_crawl(tmp_path, spider="crawl_pages", settings=TWO,
+                           args={"site": site.url, "count": 30, "lambdas": 3})
+    finally:
+        site.process.terminate()
+    assert result.returncode == 0, result.log
+    ns = Counter(item["n"] for item in result.items)
+    expected = {*range(30), *(30 + n for n in range(0, 30, 3))}
+    assert set(ns) == expected and max(ns.values()) == 1
+    assert result.stats["speedup/crawl/unserializable_count"] == 10
+    # A warning once per callback and engine, naming it.
+    warnings = [line for line in result.log.splitlines() if "cannot be sent to the crawl" in line]
+    assert 1 <= len(warnings) <= 2, warnings
+    assert "<lambda>" in warnings[0]
+
+
+def test_politeness_is_the_crawls(tmp_path: Path) -> None:
+    """CONCURRENT_REQUESTS_PER_DOMAIN is the crawl's total, measured at the site."""
+    site = start_capacity_site(capacity=1000, latency_ms=50)
+    try:
+        result = run_crawl(
+            tmp_path, spider="crawl_pages",
+            settings={**TWO, "CONCURRENT_REQUESTS": 32, "CONCURRENT_REQUESTS_PER_DOMAIN": 3},
+            args={"site": site.url, "count": 60},
+        )
+        with urllib.request.urlopen(f"{site.url}/stats", timeout=10) as response:
+            served = json.load(response)
+    finally:
+        site.process.terminate()
+    assert result.returncode == 0, result.log
+    assert len(result.items) == 60
+    assert served["peak"] == 3, served  # never more, and the limit is used
+    assert len(engine_pids(result.items)) == 2
+
+
+def test_one_feed_of_each_format(demo_site: DemoSite, tmp_path: Path) -> None:
+    feeds = {
+        str(tmp_path / "items.json"): {"format": "json"},
+        str(tmp_path / "items.csv"): {"format": "csv"},
+    }
+    result = run_crawl(tmp_path, spider="follow", settings={**TWO, "FEEDS": feeds},
+                       args={"site": demo_site.url})
+    assert result.returncode == 0, result.log
+    urls = Counter(item["url"] for item in result.items)  # the -o jsonlines feed
+    assert max(urls.values()) == 1
+    as_json = json.loads((tmp_path / "items.json").read_text())
+    assert Counter(item["url"] for item in as_json) == urls
+    lines = (tmp_path / "items.csv").read_text().splitlines()
+    assert len(lines) == len(urls) + 1  # and a header
+
+
+def test_crawl_pipelines_see_every_item_once(demo_site: DemoSite, tmp_path: Path) -> None:
+    result = run_crawl(
+        tmp_path, spider="follow",
+        settings={**TWO, "SPEEDUP_CRAWL_PIPELINES": {"testproj.pipelines.SeenOnce": 100}},
+        args={"site": demo_site.url},
+    )
+    assert result.returncode == 0, result.log
+    # SeenOnce runs once for the crawl: it sees each URL once, from both engines.
+    assert result.stats["test/seen_once"] == len(result.items)
+    assert result.stats["test/seen_twice"] == 0 if "test/seen_twice" in result.stats else True
+    assert result.stats["test/seen_pids"] == 2
+
+
+@pytest.mark.parametrize(("setting", "reason"), [
+    ({"CLOSESPIDER_ITEMCOUNT": 50}, "closespider_itemcount"),
+    ({"CLOSESPIDER_PAGECOUNT": 50}, "closespider_pagecount"),
+])
+def test_closespider_limits_are_the_crawls(demo_site: DemoSite, tmp_path: Path,
+                                           setting: dict, reason: str) -> None:
+    result = run_crawl(tmp_path, spider="follow", settings={**TWO, **setting,
+                                                            "CONCURRENT_REQUESTS": 8},
+                       args={"site": demo_site.url})
+    assert result.returncode == 0, result.log
+    assert result.stats["finish_reason"] == reason
+    # What was in flight when the limit was reached finishes, as in one
+    # process: a little over the limit, far from the site's 700 pages.
+    assert 50 <= len(result.items) <= 50 + 8 * 2 + 20, len(result.items)
+
+
+def test_a_callback_that_closes_the_spider_closes_the_crawl(demo_site: DemoSite,
+                                                            tmp_path: Path) -> None:
+    result = run_crawl(tmp_path, spider="follow", settings=TWO,
+                       args={"site": demo_site.url, "close_at": "/product/7.html"})
+    assert result.returncode == 0, result.log
+    assert result.stats["finish_reason"] == "asked_by_a_callback"
+    assert len(result.items) < 500
+
+
+def test_an_engine_that_cannot_open_stops_the_crawl(demo_site: DemoSite, tmp_path: Path) -> None:
+    """The engines' pipelines open in the engines: one that raises stops the
+    crawl with its error, and the exit status says so."""
+    result = run_crawl(
+        tmp_path, spider="follow",
+        settings={**TWO, "ITEM_PIPELINES": {"testproj.pipelines.FaultPipeline": 300},
+                  "TEST_FAIL_OPEN": True},
+        args={"site": demo_site.url}, timeout=60,
+    )
+    assert result.returncode == 1, result.log
+    assert "open_spider failed on purpose" in result.log
+    assert "engine process" in result.log
+    assert not result.items
