@@ -227,7 +227,7 @@ class Coordinator:
             return
         engine.channel = Channel(
             engine.conn.fileno(), self.bridge, self._max_message_bytes,
-            partial(self._on_message, engine), partial(self._on_gone, engine),
+            partial(self._on_message, engine), partial(self._on_channel_end, engine),
         )
         self.bridge.watch(engine.process.sentinel, on_read=partial(self._on_exit, engine))
         if self.closing:
@@ -454,6 +454,28 @@ class Coordinator:
             reason = str(message.stats.get("finish_reason") or "cancelled")
             self._close_crawl(reason)
         self._check_all_closed()
+
+    def _on_channel_end(self, engine: _Engine, why: str) -> None:
+        """The engine's socket ended: it is exiting (its exit, watched, says
+        how), or it broke the protocol and cannot be trusted on."""
+        if engine.gone:
+            return
+        if engine.process.exitcode is not None:
+            self._on_gone(engine, _describe_exit(engine.process.exitcode))
+            return
+        broken = why.startswith("a ")  # "a message / a frame that is not valid"
+        if broken:
+            self.stats.inc_value(_STAT + "protocol_error_count")
+            logger.error("scrapy-speedup: engine process %d sent %s; it is ended",
+                         engine.index, why, extra={"crawler": self.crawler})
+        # An engine whose socket ended is exiting, and its exit comes at
+        # once; one that broke the protocol is ended now.
+        self.bridge.call_later(0 if broken else 2.0, self._kill_if_alive, engine)
+
+    @staticmethod
+    def _kill_if_alive(engine: _Engine) -> None:
+        if not engine.gone and engine.process.exitcode is None:
+            engine.process.kill()
 
     def _on_exit(self, engine: _Engine) -> None:
         self.bridge.watch(engine.process.sentinel)
