@@ -39,6 +39,12 @@ returned by a middleware above it) costs a sample, never a place. Samples come
 from the ``response_downloaded`` signal, so every response off the wire counts,
 whatever the middlewares above do with it.
 
+With engine processes (``SPEEDUP_CRAWL_PROCESSES``) the middleware runs in
+two halves: in the coordinator it sets the limits of the crawl's slots (it
+sees each download's status and latency, and timeouts, from the engines), and
+does not retry; in each engine process it retries overloaded requests and
+leaves the engine's own slots alone.
+
 State is bounded: a slot is forgotten once Scrapy's slot GC has removed it and
 it has had no request for :attr:`~AdaptiveConcurrencyMiddleware.forget_idle_s`,
 and at most :attr:`~AdaptiveConcurrencyMiddleware.max_tracked_slots` slots are
@@ -246,6 +252,10 @@ class AdaptiveConcurrencyMiddleware:
         # Overload retries waiting, and the timer that ends each wait.
         self._waiting: dict[asyncio.Future[Any] | Deferred[Any], Timer] = {}
         self._stop_poll: Timer | None = None
+        #: Whether this half sets limits / retries overloaded requests (see
+        #: the module's docstring on engine processes).
+        self.sets_limits = config.engine_index is None
+        self.retries = not config.coordinates
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -253,8 +263,11 @@ class AdaptiveConcurrencyMiddleware:
         if not (config.enabled and config.adaptive_enabled):
             raise NotConfigured
         mw = cls(crawler, config)
-        crawler.signals.connect(mw._request_reached, signal=signals.request_reached_downloader)
-        crawler.signals.connect(mw._response_downloaded, signal=signals.response_downloaded)
+        if mw.sets_limits:
+            crawler.signals.connect(mw._request_reached,
+                                    signal=signals.request_reached_downloader)
+            crawler.signals.connect(mw._response_downloaded,
+                                    signal=signals.response_downloaded)
         crawler.signals.connect(mw._spider_closed, signal=signals.spider_closed)
         return mw
 
@@ -347,7 +360,7 @@ class AdaptiveConcurrencyMiddleware:
 
     def process_exception(self, request: Request, exception: Exception) -> None:
         key = request.meta.get("download_slot")
-        if key is not None and isinstance(exception, _TIMEOUTS):
+        if key is not None and self.sets_limits and isinstance(exception, _TIMEOUTS):
             self.stats.inc_value(_STAT + "timeout_count")
             self._overload(key, self._state(key), type(exception).__name__)
 
@@ -447,8 +460,8 @@ class AdaptiveConcurrencyMiddleware:
     # Overload retries ---------------------------------------------------------
 
     async def process_response(self, request: Request, response: Response) -> Request | Response:
-        if (response.status not in _OVERLOAD_STATUSES or request.meta.get("dont_retry")
-                or "cached" in response.flags):
+        if (not self.retries or response.status not in _OVERLOAD_STATUSES
+                or request.meta.get("dont_retry") or "cached" in response.flags):
             # A 503 from HttpCacheMiddleware's cache would come back the same.
             return response
         retries = request.meta.get(_RETRIES_KEY, 0)

@@ -129,6 +129,11 @@ class Addon:
                      priority=_DECIDES)
         settings.set("DOWNLOADER_MIDDLEWARES_BASE", {}, priority=_DECIDES)
         settings.set("DOWNLOADER_MIDDLEWARES", {}, priority=_DECIDES)
+        if config.adaptive_enabled:
+            # Its limit-setting half: the crawl's slots are here.
+            settings.set("DOWNLOADER_MIDDLEWARES", {
+                "scrapy_speedup.adaptive.AdaptiveConcurrencyMiddleware": 580,
+            }, priority=_DECIDES)
         settings.set("ITEM_PIPELINES_BASE", {}, priority=_DECIDES)
         settings.set("ITEM_PIPELINES", dict(config.crawl_pipelines), priority=_DECIDES)
 
@@ -162,6 +167,11 @@ class Addon:
             decide["LOG_FORMAT"] = f"[engine {index}] {log_format}"
         for name, value in decide.items():
             settings.set(name, value, priority=_DECIDES)
+        # Closest to the download: it sees every download error first.
+        settings.set_in_component_priority_dict(
+            "DOWNLOADER_MIDDLEWARES", "scrapy_speedup.crawl.lease_scheduler.ReleaseMiddleware",
+            1000,
+        )
         if settings.getpriority("SPEEDUP_PROCESS_WORKERS") is None:
             # One worker per core for the whole crawl, not per engine.
             cores = os.cpu_count() or 1

@@ -4,6 +4,7 @@ process, on every core. Whole ``scrapy crawl`` runs against real local sites."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -170,3 +171,52 @@ def test_an_engine_that_cannot_open_stops_the_crawl(demo_site: DemoSite, tmp_pat
     assert "open_spider failed on purpose" in result.log
     assert "engine process" in result.log
     assert not result.items
+
+
+def test_download_delay_holds_across_processes(tmp_path: Path) -> None:
+    """20 pages, 0.2 s apart for the whole crawl: about 4 s, not the 2 s of
+    two engines that each keep the delay alone."""
+    with start_capacity_site(100, 5) as site:
+        result = run_crawl(
+            tmp_path, spider="crawl_pages",
+            settings={**TWO, "DOWNLOAD_DELAY": 0.2, "RANDOMIZE_DOWNLOAD_DELAY": False},
+            args={"site": site.url, "count": 20},
+        )
+        assert result.returncode == 0, result.log
+        served = json.load(urllib.request.urlopen(f"{site.url}/stats", timeout=10))
+    assert len(result.items) == 20
+    assert len(engine_pids(result.items)) == 2
+    assert result.stats["elapsed_time_seconds"] >= 19 * 0.2 * 0.95, result.stats
+    assert served["peak"] == 1
+
+
+def test_adaptive_concurrency_has_one_limit_per_site_for_the_crawl(tmp_path: Path) -> None:
+    """A site that serves 6 at once and answers 503 past 12: the coordinator
+    holds one limit for it, the engines retry what was refused."""
+    settings = {**TWO, "SPEEDUP_ADAPTIVE_CONCURRENCY_ENABLED": True, "SPEEDUP_ADAPTIVE_DEBUG": True,
+                "CONCURRENT_REQUESTS": 64, "CONCURRENT_REQUESTS_PER_DOMAIN": 64}
+    with start_capacity_site(6, 50) as site:
+        result = run_crawl(tmp_path, spider="crawl_pages", settings=settings,
+                           args={"site": site.url, "count": 300})
+    assert result.returncode == 0, result.log
+    assert sorted(item["n"] for item in result.items) == list(range(300))
+    rejected = result.stats.get("downloader/response_status_count/503", 0)
+    assert rejected <= 0.05 * result.stats["downloader/response_count"], result.stats
+    # The limit is set in the coordinator ("[engine" lines would be per engine).
+    limits = [line for line in result.log.splitlines() if "slot 127.0.0.1: concurrency" in line]
+    assert limits and not any("[engine" in line for line in limits)
+    assert re.search(r"127\.0\.0\.1: limit (\d+)", result.log)
+    assert int(re.search(r"127\.0\.0\.1: limit (\d+)", result.log)[1]) <= 20
+
+
+def test_autothrottle_runs_for_the_crawl(tmp_path: Path) -> None:
+    settings = {**TWO, "AUTOTHROTTLE_ENABLED": True, "AUTOTHROTTLE_DEBUG": True,
+                "AUTOTHROTTLE_START_DELAY": 0.3, "AUTOTHROTTLE_TARGET_CONCURRENCY": 2}
+    with start_capacity_site(100, 20) as site:
+        result = run_crawl(tmp_path, spider="crawl_pages", settings=settings,
+                           args={"site": site.url, "count": 40})
+    assert result.returncode == 0, result.log
+    assert len(result.items) == 40
+    throttle = [line for line in result.log.splitlines() if "slot: 127.0.0.1" in line]
+    assert len(throttle) >= 30, result.log  # it saw the engines' latencies
+    assert not any("[engine" in line for line in throttle)

@@ -84,3 +84,29 @@ def test_ctrl_c_twice_exits_within_5_seconds(demo_site: DemoSite, tmp_path: Path
     result = crawl.result(timeout=30)
     assert time.monotonic() - began < 5, result.log
     assert not result.alive_descendants(grace=2)
+
+
+def test_jobdir_resumes_where_ctrl_c_stopped(demo_site: DemoSite, tmp_path: Path) -> None:
+    """The frontier is the coordinator's, persisted by Scrapy's own scheduler:
+    stopped with Ctrl-C and run again, the crawl covers the whole site, each
+    page in one run only."""
+    for name in ("whole", "first", "second"):
+        (tmp_path / name).mkdir()
+    whole = run_crawl(tmp_path / "whole", spider="follow", args={"site": demo_site.url})
+    assert whole.returncode == 0, whole.log
+    jobdir = str(tmp_path / "job")
+    crawl, _ = start(tmp_path / "first", demo_site, JOBDIR=jobdir)
+    crawl.wait_for_log(r"Scraped from .*product/1\d\d")
+    crawl.interrupt()
+    first = crawl.result(timeout=60)
+    assert first.returncode == 0, first.log
+    assert first.stats["finish_reason"] == "shutdown"
+    assert 0 < len(first.items) < len(whole.items)
+    second = run_crawl(tmp_path / "second", spider="follow", settings={**SLOW, "JOBDIR": jobdir,
+                                                                        "LOG_LEVEL": "INFO"},
+                       args={"site": demo_site.url})
+    assert second.returncode == 0, second.log
+    assert second.stats["finish_reason"] == "finished"
+    urls = Counter(item["url"] for item in first.items + second.items)
+    assert max(urls.values()) == 1
+    assert set(urls) == {item["url"] for item in whole.items}

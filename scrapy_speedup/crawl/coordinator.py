@@ -145,6 +145,7 @@ class Coordinator:
         # The last stats of engines that died and were replaced.
         self._retired: list[tuple[int, dict[str, Any]]] = []
         self._next_id = 0
+        self._turn = 0
         self._room_waiters: list[Any] = []
         self._ready_waiter: Any = None
         self._start_error: str | None = None
@@ -245,8 +246,13 @@ class Coordinator:
         return not self.closing and self._free_engine() is not None
 
     def _free_engine(self) -> _Engine | None:
+        """The engine with the fewest leases and room for one more; among
+        equals, the next one round the circle, so that a slow crawl (a
+        delay, one request at a time) is spread over every engine too."""
         best: _Engine | None = None
-        for engine in self._engines:
+        n = len(self._engines)
+        for step in range(n):
+            engine = self._engines[(self._turn + step) % n]
             if engine is not None and engine.usable and len(engine.leases) < self._cap \
                     and (best is None or len(engine.leases) < len(best.leases)):
                 best = engine
@@ -276,6 +282,7 @@ class Coordinator:
                 await waiter
                 continue
             self._next_id += 1
+            self._turn = engine.index + 1
             lease = _Lease(self._next_id, request, engine, self.bridge.new_waiter())
             engine.leases[lease.id] = lease
             engine.outbox.append((lease.id, blob))

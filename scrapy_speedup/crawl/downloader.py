@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scrapy import signals
+from scrapy.exceptions import DownloadTimeoutError
 from scrapy.http import Response
 
 from scrapy_speedup.downloader import SpeedupDownloader
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from scrapy_speedup.crawl.coordinator import Coordinator
 
 __all__ = ["CoordinatorDownloader", "LeaseEnded"]
+
+_TIMEOUT_NAMES = frozenset({"DownloadTimeoutError", "TimeoutError", "TCPTimedOutError"})
 
 
 class LeaseEnded(Exception):  # noqa: N818 - an outcome, not a fault
@@ -48,6 +51,10 @@ class CoordinatorDownloader(SpeedupDownloader):
         try:
             outcome = await self._coordinator().lease(request)
             if outcome.status is None:
+                if outcome.error in _TIMEOUT_NAMES:
+                    # What the coordinator's adaptive concurrency takes as
+                    # overload, as in one process.
+                    raise DownloadTimeoutError(f"{request} timed out in an engine process")
                 raise LeaseEnded(outcome.error)
             if outcome.latency is not None:
                 request.meta["download_latency"] = outcome.latency

@@ -29,6 +29,7 @@ from scrapy.utils.misc import build_from_crawler, load_object
 
 from scrapy_speedup.config import SpeedupConfig
 from scrapy_speedup.crawl.coordinator import Coordinator
+from scrapy_speedup.crawl.downloader import LeaseEnded
 from scrapy_speedup.crawl.engine_process import spec_for
 from scrapy_speedup.extension import SpeedupExtension
 
@@ -97,9 +98,11 @@ class FrontierScheduler(BaseScheduler):
         original = engine.close_spider_async
 
         async def close_spider_async(*, reason: str = "cancelled") -> None:
-            self._closing = True
-            if self.coordinator is not None:
-                self.coordinator.begin_close(reason)
+            if not self._closing:
+                self._closing = True
+                if self.coordinator is not None:
+                    self.coordinator.begin_close(reason)
+                self._return_waiting()
             await original(reason=reason)
 
         engine.close_spider_async = close_spider_async  # type: ignore[method-assign]
@@ -118,6 +121,17 @@ class FrontierScheduler(BaseScheduler):
         if hasattr(self.inner, "close"):
             return self.inner.close(reason)
         return None
+
+    def _return_waiting(self) -> None:
+        """Put back in the queues the requests that wait in the downloader
+        for their site's turn: they were never lent, and the downloader's
+        close would drop them (JOBDIR keeps them this way)."""
+        downloader = self.crawler.engine.downloader
+        for slot in list(downloader.slots.values()):
+            while slot.queue:
+                request, deferred = slot.queue.popleft()
+                self.requeue(request)
+                deferred.errback(LeaseEnded("the crawl is closing"))
 
     def _engines_closed(self) -> None:
         engine = self.crawler.engine

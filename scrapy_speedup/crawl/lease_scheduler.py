@@ -9,8 +9,8 @@ releases and acknowledgements out.
   callback: it is downloaded by this engine, past the crawl's dupefilter and
   per-site limits, and the coordinator counts it as a lease until it is
   handled, so the crawl does not end before it.
-- ``response_downloaded`` / ``request_left_downloader`` release a lease: its
-  download has ended. The engine's ``_slot.remove_request`` (the engine is
+- ``response_downloaded``, or a download error seen by
+  :class:`ReleaseMiddleware`, releases a lease: its download has ended. The engine's ``_slot.remove_request`` (the engine is
   done with the request: callback, requests, items through the pipelines)
   acknowledges it. ``item_scraped`` forwards the item, tagged with its
   lease, to the coordinator.
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from scrapy_speedup._bridge import Timer
 
-__all__ = ["LeaseScheduler"]
+__all__ = ["LeaseScheduler", "ReleaseMiddleware"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,6 @@ class LeaseScheduler(BaseScheduler):
 
         engine_slot.remove_request = remove_request  # type: ignore[method-assign]
         crawler.signals.connect(self._response_downloaded, signals.response_downloaded)
-        crawler.signals.connect(self._left_downloader, signals.request_left_downloader)
         crawler.signals.connect(self._item_scraped, signals.item_scraped)
         crawler.signals.connect(self._spider_opened, signals.spider_opened)
         if hasattr(self._dupefilter, "open"):
@@ -229,11 +228,11 @@ class LeaseScheduler(BaseScheduler):
             )
             self._soon()
 
-    def _left_downloader(self, request: Request, spider: Spider) -> None:
+    def download_failed(self, request: Request, exception: BaseException) -> None:
         lease = self.lease_of.get(request)
         if lease is not None and lease > 0 and lease not in self._released:
-            self._released.add(lease)  # failed: no response_downloaded before
-            self.report.released.append((lease, None, None, "download failed"))
+            self._released.add(lease)
+            self.report.released.append((lease, None, None, type(exception).__name__))
             self._soon()
 
     def _item_scraped(self, item: Any, response: Any, spider: Spider) -> None:
@@ -288,3 +287,21 @@ class LeaseScheduler(BaseScheduler):
 
 def _numbers(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+
+
+class ReleaseMiddleware:
+    """The innermost downloader middleware of an engine process: it tells the
+    lease scheduler of each download that failed, and why (the coordinator's
+    adaptive concurrency takes a timeout as overload)."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    def process_exception(self, request: Request, exception: BaseException) -> None:
+        scheduler = self.crawler.engine.scheduler
+        if isinstance(scheduler, LeaseScheduler):
+            scheduler.download_failed(request, exception)
