@@ -168,10 +168,9 @@ class Addon:
         for name, value in decide.items():
             settings.set(name, value, priority=_DECIDES)
         # Closest to the download: it sees every download error first.
-        settings.set_in_component_priority_dict(
-            "DOWNLOADER_MIDDLEWARES", "scrapy_speedup.crawl.lease_scheduler.ReleaseMiddleware",
-            1000,
-        )
+        from scrapy_speedup.crawl.lease_scheduler import ReleaseMiddleware
+
+        settings.set_in_component_priority_dict("DOWNLOADER_MIDDLEWARES", ReleaseMiddleware, 1000)
         if settings.getpriority("SPEEDUP_PROCESS_WORKERS") is None:
             # One worker per core for the whole crawl, not per engine.
             cores = os.cpu_count() or 1

@@ -10,9 +10,9 @@ releases and acknowledgements out.
   per-site limits, and the coordinator counts it as a lease until it is
   handled, so the crawl does not end before it.
 - ``response_downloaded``, or a download error seen by
-  :class:`ReleaseMiddleware`, releases a lease: its download has ended. The engine's ``_slot.remove_request`` (the engine is
-  done with the request: callback, requests, items through the pipelines)
-  acknowledges it. ``item_scraped`` forwards the item, tagged with its
+  :class:`ReleaseMiddleware`, releases a lease: its download has ended. The
+  engine's ``_slot.remove_request`` (the engine is done with the request:
+  callback, requests, items through the pipelines) acknowledges it. ``item_scraped`` forwards the item, tagged with its
   lease, to the coordinator.
 - Everything goes out in one :class:`~.protocol.Report` per turn of the loop.
 
