@@ -12,8 +12,9 @@ releases and acknowledgements out.
 - ``response_downloaded``, or a download error seen by
   :class:`ReleaseMiddleware`, releases a lease: its download has ended. The
   engine's ``_slot.remove_request`` (the engine is done with the request:
-  callback, requests, items through the pipelines) acknowledges it. ``item_scraped`` forwards the item, tagged with its
-  lease, to the coordinator.
+  callback, requests, items through the pipelines) acknowledges it.
+  ``item_scraped`` forwards the item, tagged with its lease, to the
+  coordinator.
 - Everything goes out in one :class:`~.protocol.Report` per turn of the loop.
 
 The engine is never idle by itself (``has_pending_requests`` stays True): it
