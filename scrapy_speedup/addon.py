@@ -36,6 +36,24 @@ _CLOSESPIDER = (
 )
 
 
+def _sqlite_pipelines(settings: BaseSettings) -> dict[type, int]:
+    """The SQLite pipelines of ITEM_PIPELINES: with engine processes they run
+    in the coordinator, so that a database file has one writer."""
+    from scrapy_speedup.db.sqlite import SQLitePipeline
+
+    found: dict[type, int] = {}
+    for key, order in settings.getdict("ITEM_PIPELINES").items():
+        if order is None:
+            continue
+        try:
+            cls = load_object(key)
+        except (ImportError, NameError, ValueError, AttributeError):
+            continue  # Scrapy says what is wrong with it
+        if isinstance(cls, type) and issubclass(cls, SQLitePipeline):
+            found[cls] = order
+    return found
+
+
 class Addon:
     """Enable with ``ADDONS = {"scrapy_speedup.Addon": 500}``.
 
@@ -134,8 +152,16 @@ class Addon:
             settings.set("DOWNLOADER_MIDDLEWARES", {
                 "scrapy_speedup.adaptive.AdaptiveConcurrencyMiddleware": 580,
             }, priority=_DECIDES)
+        crawl_pipelines: dict[Any, int] = dict(config.crawl_pipelines)
+        for cls, order in _sqlite_pipelines(settings).items():
+            crawl_pipelines[cls] = order
+            logger.info(
+                "scrapy-speedup: %s runs once for the crawl, in this process (one writer per"
+                " SQLite file), after the engine processes' pipelines",
+                f"{cls.__module__}.{cls.__qualname__}",
+            )
         settings.set("ITEM_PIPELINES_BASE", {}, priority=_DECIDES)
-        settings.set("ITEM_PIPELINES", dict(config.crawl_pipelines), priority=_DECIDES)
+        settings.set("ITEM_PIPELINES", crawl_pipelines, priority=_DECIDES)
 
     @staticmethod
     def _as_engine(settings: BaseSettings, config: SpeedupConfig, index: int) -> None:
@@ -167,6 +193,8 @@ class Addon:
             decide["LOG_FORMAT"] = f"[engine {index}] {log_format}"
         for name, value in decide.items():
             settings.set(name, value, priority=_DECIDES)
+        for cls in _sqlite_pipelines(settings):  # the coordinator's (see _as_coordinator)
+            settings.set_in_component_priority_dict("ITEM_PIPELINES", cls, None)
         # Closest to the download: it sees every download error first.
         from scrapy_speedup.crawl.lease_scheduler import ReleaseMiddleware
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -220,3 +221,22 @@ def test_autothrottle_runs_for_the_crawl(tmp_path: Path) -> None:
     throttle = [line for line in result.log.splitlines() if "slot: 127.0.0.1" in line]
     assert len(throttle) >= 30, result.log  # it saw the engines' latencies
     assert not any("[engine" in line for line in throttle)
+
+
+def test_sqlite_has_one_writer(demo_site: DemoSite, tmp_path: Path) -> None:
+    """The SQLite pipeline runs in the coordinator: every item in the file,
+    once, written by one connection."""
+    db = tmp_path / "items.sqlite3"
+    result = run_crawl(
+        tmp_path, spider="follow",
+        settings={**TWO, "ITEM_PIPELINES": {"scrapy_speedup.db.SQLitePipeline": 300},
+                  "SPEEDUP_SQLITE_PATH": db},
+        args={"site": demo_site.url},
+    )
+    assert result.returncode == 0, result.log
+    with sqlite3.connect(db) as conn:
+        urls = [row[0] for row in conn.execute("SELECT url FROM items")]
+    assert Counter(urls) == Counter(item["url"] for item in result.items)
+    assert len(engine_pids(result.items)) == 2
+    assert result.stats["speedup/db/row_count"] == len(urls)
+    assert "runs once for the crawl, in this process (one writer per SQLite file)" in result.log
