@@ -229,6 +229,7 @@ class ReactorDoctor:
         self.crawler = crawler
         self.stats = crawler.stats
         self.warn_s = config.lag_warn_ms / 1000
+        self._engines = config.crawl_processes if config.engine_index is not None else 1
         self.interval_s = min(0.02, self.warn_s / 5)
         self._bridge = bridge
         self._components: dict[types.CodeType, _Component] = {}
@@ -534,11 +535,23 @@ class ReactorDoctor:
             "The reactor was busy for %d ms (%d%% of it on the CPU) with many short"
             " calls, none of %d ms or more: the crawl's own work (Scrapy, callbacks,"
             " middlewares) keeps its one reactor thread full, and no single component"
-            " is worth moving to a process or a thread.%s Such blocks are counted and"
-            " listed when the spider closes.",
+            " is worth moving to a process or a thread.%s %s Such blocks are counted"
+            " and listed when the spider closes.",
             round(lag * 1000), round(cpu_share * 100), round(_MIN_CALL_S * 1000), preempted,
-            extra={"crawler": self.crawler},
+            self._engines_hint(), extra={"crawler": self.crawler},
         )
+
+    def _engines_hint(self) -> str:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        if self._engines > 1:
+            return (f"This is one of {self._engines} engine processes on {cores} cores:"
+                    f" {'more engine processes' if self._engines < cores else 'more cores'}"
+                    " (SPEEDUP_CRAWL_PROCESSES) would share the work further.")
+        if cores < 2:
+            return ""
+        return (f"Engine processes run the crawl itself on every core: SPEEDUP_CRAWL_PROCESSES"
+                f' = "auto" ({cores} here).')
 
     def _warn_first(self, blocker: _Blocker, lag: float, cpu_share: float, where: str) -> None:
         calls = ""
@@ -645,7 +658,7 @@ class ReactorDoctor:
             "scrapy-speedup reactor doctor: the reactor was blocked %d times for"
             " longer than %d ms, %.2f s in all (lag max %d ms); worst blockers"
             " (fix: process = run_in_process / SPEEDUP_PROCESS_PIPELINES,"
-            " thread = run_in_thread / @blocking):\n%s",
+            " thread = run_in_thread / @blocking, engines = SPEEDUP_CRAWL_PROCESSES):\n%s",
             self.block_count,
             warn_ms,
             self.blocked_s,
@@ -666,6 +679,8 @@ def _row_label(blocker: _Blocker) -> str:
 
 
 def _row_fix(blocker: _Blocker) -> str:
+    if blocker.kind == "busy":
+        return "engines"  # SPEEDUP_CRAWL_PROCESSES
     component = blocker.component
     if blocker.kind != "call" or component is _POOL_START or (component and component.scrapys):
         return "-"

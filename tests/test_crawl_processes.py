@@ -49,6 +49,8 @@ def test_same_crawl_as_one_process(demo_site: DemoSite, runtime: str, tmp_path: 
     assert min(per_engine) > 0, per_engine  # both engines crawled
     assert len(engine_pids(two.items)) == 2
     assert "Traceback" not in two.log, two.log
+    assert re.search(rf"2 engines crawled {two.stats['response_received_count']} pages"
+                     r" \(engine 0: \d+, engine 1: \d+\)", two.log), two.log
 
 
 def test_dont_filter_and_duplicates(tmp_path: Path) -> None:

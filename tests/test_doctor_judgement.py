@@ -4,11 +4,13 @@ voluntary waits, not the wall clock alone, decide whether a call was long."""
 from __future__ import annotations
 
 import logging
+import os
 import types
 from typing import Any
 
 import pytest
 from scrapy import Spider
+from scrapy.settings import Settings
 
 from scrapy_speedup.config import SpeedupConfig
 from scrapy_speedup.reactor_doctor import (
@@ -106,3 +108,19 @@ def test_a_library_block_is_said_at_info_once(doctor: ReactorDoctor,
     said = [r for r in caplog.records if "Library code blocked the reactor" in r.message]
     assert len(said) == 1 and said[0].levelno == logging.INFO
     assert doctor.stats.get_value("speedup/reactor/block_count/library") == 3
+
+
+def test_a_reactor_busy_with_short_calls_points_to_engine_processes(
+        doctor: ReactorDoctor) -> None:
+    assert _row_fix(_Blocker(None, "(many short calls)", "busy")) == "engines"
+    cores = len(os.sched_getaffinity(0))
+    hint = doctor._engines_hint()
+    if cores > 1:
+        assert f'SPEEDUP_CRAWL_PROCESSES = "auto" ({cores} here)' in hint
+    engine = ReactorDoctor(
+        doctor.crawler,
+        SpeedupConfig.from_settings(Settings({"SPEEDUP_CRAWL_PROCESSES": 2,
+                                              "_SPEEDUP_ENGINE_INDEX": 0})),
+        bridge=None,  # type: ignore[arg-type]
+    )
+    assert "one of 2 engine processes" in engine._engines_hint()

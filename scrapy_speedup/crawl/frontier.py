@@ -118,9 +118,33 @@ class FrontierScheduler(BaseScheduler):
             totals = self.coordinator.crawl_totals(own)
             for key, value in totals.items():
                 self.crawler.stats.set_value(key, value)
+            self._log_summary(totals)
         if hasattr(self.inner, "close"):
             return self.inner.close(reason)
         return None
+
+    def _log_summary(self, totals: dict[str, Any]) -> None:
+        assert self.coordinator is not None
+        n = self.coordinator.n
+        pages = [totals.get(f"speedup/crawl/engine/{i}/response_received_count", 0)
+                 for i in range(n)]
+
+        def count(name: str) -> int:
+            return int(totals.get(f"speedup/crawl/{name}", 0))
+
+        logger.info(
+            "scrapy-speedup engine processes: %d engines crawled %d pages (%s); %d leases"
+            " in %d messages, %d reassigned, %d requeued; %d crashes, %d restarts; %d requests"
+            " kept in an engine (not serializable); reactor blocks over the warning in all"
+            " processes: %d, lag max %s ms",
+            n, sum(pages), ", ".join(f"engine {i}: {p}" for i, p in enumerate(pages)),
+            count("lease_count"), count("lease_message_count"), count("lease_reassigned_count"),
+            count("requeued_count"), count("process_crash_count"),
+            count("process_restart_count"), count("kept_in_engine_count"),
+            int(totals.get("speedup/reactor/block_count", 0)),
+            totals.get("speedup/reactor/lag_max_ms", "-"),
+            extra={"crawler": self.crawler},
+        )
 
     def _return_waiting(self) -> None:
         """Put back in the queues the requests that wait in the downloader
