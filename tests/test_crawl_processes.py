@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -242,3 +244,62 @@ def test_sqlite_has_one_writer(demo_site: DemoSite, tmp_path: Path) -> None:
     assert len(engine_pids(result.items)) == 2
     assert result.stats["speedup/db/row_count"] == len(urls)
     assert "runs once for the crawl, in this process (one writer per SQLite file)" in result.log
+
+
+SCRIPT = '''
+import json, sys
+import scrapy
+from scrapy.crawler import AsyncCrawlerProcess
+
+
+class ScriptSpider(scrapy.Spider):
+    name = "script"
+
+    def __init__(self, site, **kwargs):
+        super().__init__(**kwargs)
+        self.site = site
+
+    async def start(self):
+        for n in range(30):
+            yield scrapy.Request(f"{self.site}/page/{n}", cb_kwargs={"n": n})
+
+    def parse(self, response, n):
+        import os
+        yield {"n": n, "pid": os.getpid()}
+
+
+if __name__ == "__main__":
+    process = AsyncCrawlerProcess({
+        "ADDONS": {"scrapy_speedup.Addon": 500}, "SPEEDUP_CRAWL_PROCESSES": 2,
+        "FEEDS": {sys.argv[2]: {"format": "jsonlines"}}, "LOG_LEVEL": "INFO",
+    })
+    crawler = process.create_crawler(%s)
+    process.crawl(crawler, site=sys.argv[1])
+    process.start()
+    print("STATS", json.dumps({k: v for k, v in crawler.stats.get_stats().items()
+                               if isinstance(v, int)}))
+'''
+
+
+@pytest.mark.parametrize("where", ["__main__", "module"])
+def test_a_crawler_process_script(tmp_path: Path, where: str) -> None:
+    """CrawlerProcess in a script: a spider class defined in the script
+    itself, or imported from a module."""
+    if where == "module":
+        (tmp_path / "script_spiders.py").write_text(SCRIPT.split("if __name__")[0])
+        source = "from script_spiders import ScriptSpider\n" + \
+            SCRIPT.replace("class ScriptSpider", "class _Unused")
+    else:
+        source = SCRIPT
+    (tmp_path / "run.py").write_text(source % "ScriptSpider")
+    out = tmp_path / "items.jsonl"
+    with start_capacity_site(100, 5) as site:
+        done = subprocess.run([sys.executable, "run.py", site.url, str(out)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    items = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(item["n"] for item in items) == list(range(30))
+    assert len(engine_pids(items)) == 2
+    stats = json.loads(done.stdout.split("STATS ", 1)[1])
+    assert stats["item_scraped_count"] == 30
+    assert stats["speedup/crawl/processes"] == 2
