@@ -126,12 +126,14 @@ class Coordinator:
     def __init__(
         self, crawler: Crawler, config: SpeedupConfig, bridge: Bridge, *,
         enqueue: Callable[[Request], None], requeue: Callable[[Request], None],
+        seen: Callable[[bytes], bool],
         wake: Callable[[], None], on_closed: Callable[[], None],
     ) -> None:
         self.crawler = crawler
         self.config = config
         self.bridge = bridge
         self._enqueue = enqueue
+        self._seen = seen
         self._requeue = requeue
         self._wake = wake
         self._on_closed = on_closed
@@ -353,7 +355,9 @@ class Coordinator:
 
     def _on_report(self, engine: _Engine, report: Report) -> None:
         spider = self.crawler.spider
-        for blob in report.requests:
+        for fingerprint, blob in report.requests:
+            if fingerprint is not None and self._seen(fingerprint):
+                continue
             try:
                 request = request_from_dict(pickle.loads(blob), spider=spider)
             except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything

@@ -78,8 +78,8 @@ class LeaseScheduler(BaseScheduler):
         self._stats_sent_at = 0.0
         self._local_ids = 0
         self._warned: set[str] = set()
-        # Requests kept here are checked against a dupefilter of this
-        # engine's own: the crawl's is in the coordinator.
+        # The requests this engine made (see enqueue_request); those it keeps
+        # are checked against it alone: the crawl's is in the coordinator.
         self._dupefilter: Any = build_from_crawler(
             load_object(crawler.settings["DUPEFILTER_CLASS"]), crawler
         )
@@ -143,11 +143,21 @@ class LeaseScheduler(BaseScheduler):
 
     def enqueue_request(self, request: Request) -> bool:
         spider = self.crawler.spider
+        # A request this engine made before has been through the crawl's
+        # dupefilter already, which would filter it again: filtered here, it
+        # costs the coordinator nothing (on a site whose links are mostly to
+        # pages seen, most of what callbacks make).
+        if not request.dont_filter and self._dupefilter.request_seen(request):
+            self._dupefilter.log(request, spider)
+            return False
         try:
             blob = pickle.dumps(request.to_dict(spider=spider), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything
             return self._keep(request, exc)
-        self.report.requests.append(blob)
+        # Computed (and cached) by the dupefilter just now, for most.
+        fingerprint = None if request.dont_filter else \
+            self.crawler.request_fingerprinter.fingerprint(request)
+        self.report.requests.append((fingerprint, blob))
         self._soon()
         return True
 
@@ -168,9 +178,6 @@ class LeaseScheduler(BaseScheduler):
                 " picklable meta and cb_kwargs. (Said once per callback.)",
                 request, key, exc, extra={"crawler": self.crawler},
             )
-        if not request.dont_filter and self._dupefilter.request_seen(request):
-            self._dupefilter.log(request, self.crawler.spider)
-            return False
         self._local_ids -= 1
         self.lease_of[request] = self._local_ids
         self.report.local.append(self._local_ids)

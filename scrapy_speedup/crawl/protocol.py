@@ -76,8 +76,10 @@ class Report:
     docstring for the order of handling)."""
 
     KIND: ClassVar[bytes] = b"R"
-    #: New requests, each a pickled ``Request.to_dict``.
-    requests: list[bytes] = field(default_factory=list)
+    #: New requests: (fingerprint, or None when ``dont_filter``; pickled
+    #: ``Request.to_dict``). The fingerprint lets the coordinator filter a
+    #: duplicate without rebuilding the request.
+    requests: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     #: Items that passed the engine's pipelines: (lease of the response that
     #: made it, or None; pickled item).
     items: list[tuple[int | None, bytes]] = field(default_factory=list)
