@@ -64,6 +64,11 @@ _STAT = "speedup/crawl/"
 # A crash loop (a callback that kills its process on some page) must end the
 # crawl, not restart engines for ever.
 _RESTARTS_PER_ENGINE = 3
+# A suspect (a page that was being handled when its engine died) that is
+# handled alone, and whose engine dies again, this many times in all, is taken
+# to be what kills them: a callback that kills its process on some page would
+# otherwise kill every engine in turn.
+_POISON_DEATHS = 2
 # Leases one engine may hold at most, as a multiple of its share of
 # CONCURRENT_REQUESTS: room for its downloads and a backlog of responses to
 # parse, while an engine that parses slowly does not take every request.
@@ -146,6 +151,12 @@ class Coordinator:
         self._engines: list[_Engine | None] = [None] * self.n
         # The last stats of engines that died and were replaced.
         self._retired: list[tuple[int, dict[str, Any]]] = []
+        # Suspects (see _POISON_DEATHS): deaths of engines each was being
+        # handled in alone (0: it was there with others), by fingerprint;
+        # the one suspect lease out, and suspects waiting for their turn.
+        self._deaths: dict[bytes, int] = {}
+        self._suspect_out: _Lease | None = None
+        self._suspect_waiters: list[Any] = []
         self._next_id = 0
         self._turn = 0
         self._room_waiters: list[Any] = []
@@ -273,7 +284,14 @@ class Coordinator:
                          " it is not crawled", request, exc, extra={"crawler": self.crawler})
             self.stats.inc_value(_STAT + "unserializable_count")
             return LeaseOutcome(None, None, "unserializable")
+        suspect = self._deaths and \
+            self.crawler.request_fingerprinter.fingerprint(request) in self._deaths
         while True:
+            if suspect and self._suspect_out is not None and not self.closing:
+                waiter = self.bridge.new_waiter()
+                self._suspect_waiters.append(waiter)
+                await waiter
+                continue
             engine = self._free_engine()
             if engine is None:
                 if self.closing:
@@ -288,6 +306,8 @@ class Coordinator:
             lease = _Lease(self._next_id, request, engine, self.bridge.new_waiter())
             engine.leases[lease.id] = lease
             engine.outbox.append((lease.id, blob))
+            if suspect:
+                self._suspect_out = lease
             self._flush_soon()
             outcome: LeaseOutcome = await lease.waiter
             if outcome is not RETURNED:
@@ -336,6 +356,7 @@ class Coordinator:
                         self._ready_waiter is not None:
                     self.bridge.resolve(self._ready_waiter, None)
                 self._wake_room()
+                self._wake()  # a replacement: requests put back wait for it
             elif isinstance(message, StartFailed):
                 self._fail_start(
                     f"engine process {engine.index} failed to start the spider:\n{message.error}"
@@ -385,6 +406,8 @@ class Coordinator:
             held = engine.leases.pop(lease_id, None)
             if held is None:
                 continue
+            if held is self._suspect_out:
+                self._next_suspect()
             if held.waiter is not None:
                 self.bridge.resolve(held.waiter, _HANDLED)
             for blob in held.items:
@@ -506,15 +529,20 @@ class Coordinator:
         if crashed and not engine.ready and not self.closing:
             self._fail_start(f"engine process {engine.index} ended before it opened the"
                              f" spider ({why})")
-        lost = 0
+        lost = poisoned = 0
         for held in engine.leases.values():
+            alone = held is self._suspect_out
+            if alone:
+                self._next_suspect()
             if held.waiter is not None:
-                self.bridge.resolve(held.waiter, RETURNED)
-            elif held.request is not None:
-                self._requeue(held.request)
-            else:
+                self.bridge.resolve(held.waiter, RETURNED)  # not downloaded yet
+            elif held.request is None:
                 lost += 1
-        requeued = len(engine.leases) - lost
+            elif crashed and self._poison(held.request, alone):
+                poisoned += 1
+            else:
+                self._requeue(held.request)
+        requeued = len(engine.leases) - lost - poisoned
         engine.leases.clear()
         engine.outbox.clear()
         if crashed and engine.ready:
@@ -533,6 +561,30 @@ class Coordinator:
         self._wake_room()
         self._wake()
         self._check_all_closed()
+
+    def _poison(self, request: Request, alone: bool) -> bool:
+        """Count a death against *request*, which was being handled in an
+        engine that died: with others (it becomes a suspect, handled alone
+        from now on), or alone (a suspect whose engine died again). Whether
+        it is now taken to be what kills them: then it is dropped."""
+        fingerprint = self.crawler.request_fingerprinter.fingerprint(request)
+        deaths = self._deaths.get(fingerprint, 0) + (1 if alone else 0)
+        self._deaths[fingerprint] = deaths
+        if deaths < _POISON_DEATHS:
+            return False
+        self.stats.inc_value(_STAT + "poison_count")
+        logger.error(
+            "scrapy-speedup: %s was being handled, alone, each time an engine process"
+            " died (%d times): it is taken to kill them, and not crawled again", request,
+            deaths, extra={"crawler": self.crawler},
+        )
+        return True
+
+    def _next_suspect(self) -> None:
+        self._suspect_out = None
+        waiters, self._suspect_waiters = self._suspect_waiters, []
+        for waiter in waiters:
+            self.bridge.resolve(waiter, None)
 
     def _replace(self, engine: _Engine) -> None:
         if engine.restarts >= _RESTARTS_PER_ENGINE:
@@ -563,9 +615,11 @@ class Coordinator:
                 continue
             if engine.usable and engine.channel is not None:
                 engine.channel.send(Close(reason))
-            elif not engine.closed:
-                engine.process.kill()  # not started yet: nothing to finish
+            elif not engine.closed and engine.process.pid is not None:
+                engine.process.kill()  # not open yet: nothing to finish
+            # (one still being started is killed once it is: _on_spawned)
         self._wake_room()
+        self._next_suspect()
         deadline = self.config.shutdown_timeout_seconds + _CLOSE_MARGIN_S
         self._close_timer = self.bridge.call_later(deadline, self._close_timed_out, deadline)
         self._check_all_closed()

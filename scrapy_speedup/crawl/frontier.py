@@ -290,7 +290,9 @@ class FrontierScheduler(BaseScheduler):
         """Have the coordinator's engine look at once whether the crawl is
         idle (it would otherwise wait for its 5-second heartbeat)."""
         self.pump_soon()
-        slot = getattr(self.crawler.engine, "_slot", None)
-        nextcall = getattr(slot, "nextcall", None)
+        engine = self.crawler.engine
+        if getattr(engine.scraper, "slot", None) is None:
+            return  # still opening: the engine looks once it runs
+        nextcall = getattr(getattr(engine, "_slot", None), "nextcall", None)
         if nextcall is not None:
             nextcall.schedule()
