@@ -36,6 +36,7 @@ from scrapy_speedup.crawl.channel import Channel
 from scrapy_speedup.crawl.protocol import (
     Close,
     Closed,
+    CookieUpdate,
     Lease,
     Message,
     Ready,
@@ -120,6 +121,7 @@ class _Engine:
     restarts: int = 0
     leases: dict[int, _Lease] = field(default_factory=dict)
     outbox: list[tuple[int, bytes]] = field(default_factory=list)
+    cookie_outbox: list[CookieUpdate] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -157,6 +159,8 @@ class Coordinator:
         self._deaths: dict[bytes, int] = {}
         self._suspect_out: _Lease | None = None
         self._suspect_waiters: list[Any] = []
+        # The crawl's cookies, latest of each (see _share_cookies).
+        self._cookies: dict[tuple[Any, str, str, str], tuple[str, Any]] = {}
         self._next_id = 0
         self._turn = 0
         self._room_waiters: list[Any] = []
@@ -326,11 +330,12 @@ class Coordinator:
         of the loop."""
         self._flush_timer = None
         for engine in self._engines:
-            if engine is None or not engine.outbox:
+            if engine is None or not (engine.outbox or engine.cookie_outbox):
                 continue
             entries, engine.outbox = engine.outbox, []
+            cookies, engine.cookie_outbox = engine.cookie_outbox, []
             if engine.channel is not None and engine.usable:
-                engine.channel.send(Lease(entries))
+                engine.channel.send(Lease(entries, cookies))
                 self.stats.inc_value(_STAT + "lease_count", len(entries))
                 self.stats.inc_value(_STAT + "lease_message_count")
                 continue
@@ -352,6 +357,10 @@ class Coordinator:
                 self._on_report(engine, message)
             elif isinstance(message, Ready):
                 engine.ready = True
+                # A replacement gets the crawl's cookies before any lease.
+                engine.cookie_outbox = [(key, url, [cookie]) for (key, *_), (url, cookie)
+                                        in self._cookies.items()]
+                self._flush_soon()
                 if all(e is not None and e.ready for e in self._engines) and \
                         self._ready_waiter is not None:
                     self.bridge.resolve(self._ready_waiter, None)
@@ -376,6 +385,8 @@ class Coordinator:
 
     def _on_report(self, engine: _Engine, report: Report) -> None:
         spider = self.crawler.spider
+        if report.cookies:
+            self._share_cookies(engine, report.cookies)
         for fingerprint, blob in report.requests:
             if fingerprint is not None and self._seen(fingerprint):
                 continue
@@ -418,6 +429,18 @@ class Coordinator:
         if report.acked:
             self._wake_room()
             self._wake()
+
+    def _share_cookies(self, source: _Engine, updates: list[CookieUpdate]) -> None:
+        """Pass cookies one engine set on to the others, in their next lease
+        message (before the leases in it), and keep the latest of each for
+        engines started later."""
+        for key, url, cookies in updates:
+            for cookie in cookies:
+                self._cookies[(key, cookie.domain, cookie.path, cookie.name)] = (url, cookie)
+        for engine in self._engines:
+            if engine is not None and engine is not source and engine.usable:
+                engine.cookie_outbox.extend(updates)
+        self._flush_soon()
 
     def _commit(self, blob: bytes) -> None:
         """Send an item from an engine through the crawl's pipelines (and so

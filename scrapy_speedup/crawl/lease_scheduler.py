@@ -105,11 +105,53 @@ class LeaseScheduler(BaseScheduler):
             self._handled(request)
 
         engine_slot.remove_request = remove_request  # type: ignore[method-assign]
+        self._share_cookies()
         crawler.signals.connect(self._response_downloaded, signals.response_downloaded)
         crawler.signals.connect(self._item_scraped, signals.item_scraped)
         crawler.signals.connect(self._spider_opened, signals.spider_opened)
         if hasattr(self._dupefilter, "open"):
             self._dupefilter.open()
+
+    def _share_cookies(self) -> None:
+        """Make the engine's cookie jars the crawl's: what its
+        CookiesMiddleware puts in a jar (from a response's Set-Cookie or a
+        request's ``cookies``) goes to the coordinator, which passes it on to
+        every other engine (a login in one engine holds in all)."""
+        from scrapy.downloadermiddlewares.cookies import CookiesMiddleware
+
+        downloader: Any = self.crawler.engine.downloader
+        found = [mw for mw in downloader.middleware.middlewares
+                 if isinstance(mw, CookiesMiddleware)]
+        if not found:
+            return  # COOKIES_ENABLED = False
+        middleware = found[0]
+        original = getattr(middleware, "_process_cookies", None)
+        if original is None:
+            logger.warning(
+                "scrapy-speedup: this Scrapy's CookiesMiddleware has no _process_cookies:"
+                " cookies stay in the engine process that received them",
+                extra={"crawler": self.crawler},
+            )
+            return
+        self._cookies_middleware = middleware
+        self._set_cookies = original
+
+        def process_cookies(cookies: Any, *, jar: Any, request: Request) -> None:
+            cookies = list(cookies)
+            original(cookies, jar=jar, request=request)
+            if cookies:
+                key = next((k for k, j in middleware.jars.items() if j is jar), None)
+                self.report.cookies.append((key, request.url, cookies))
+                self._soon()
+
+        setattr(middleware, "_process_cookies", process_cookies)  # noqa: B010 - a method
+
+    def _apply_cookies(self, updates: list[Any]) -> None:
+        middleware = getattr(self, "_cookies_middleware", None)
+        if middleware is None:
+            return
+        for key, url, cookies in updates:
+            self._set_cookies(cookies, jar=middleware.jars[key], request=Request(url))
 
     def _spider_opened(self, spider: Spider) -> None:
         assert self.channel is not None
@@ -199,6 +241,8 @@ class LeaseScheduler(BaseScheduler):
 
     def _on_lease(self, message: Lease) -> None:
         spider = self.crawler.spider
+        if message.cookies:
+            self._apply_cookies(message.cookies)
         for lease_id, blob in message.entries:
             try:
                 request = request_from_dict(pickle.loads(blob), spider=spider)

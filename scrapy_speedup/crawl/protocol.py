@@ -28,13 +28,18 @@ from typing import Any, ClassVar
 from scrapy_speedup.exceptions import ProtocolError
 
 __all__ = [
-    "Close", "Closed", "Lease", "Message", "Ready", "Report", "StartFailed", "decode",
-    "encode",
+    "Close", "Closed", "CookieUpdate", "Lease", "Message", "Ready", "Report", "StartFailed",
+    "decode", "encode",
 ]
 
 #: (lease id, HTTP status or None, download latency in seconds or None, name
 #: of the download's exception or None)
 Release = tuple[int, "int | None", "float | None", "str | None"]
+#: Cookies that one engine's CookiesMiddleware put in a jar: (the jar's key,
+#: ``meta["cookiejar"]``; the URL of the request they came with; the
+#: ``http.cookiejar.Cookie`` objects). Cookies are the crawl's: every engine
+#: applies every other engine's, so a login in one holds in all.
+CookieUpdate = tuple[Any, str, list[Any]]
 
 
 @dataclass(slots=True)
@@ -43,6 +48,9 @@ class Lease:
 
     KIND: ClassVar[bytes] = b"L"
     entries: list[tuple[int, bytes]]
+    #: Cookies set in other engines since the last lease (see CookieUpdate),
+    #: applied before the requests are queued.
+    cookies: list[CookieUpdate] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -90,13 +98,15 @@ class Report:
     local: list[int] = field(default_factory=list)
     #: Leases handled: the response went through the callback and pipelines.
     acked: list[int] = field(default_factory=list)
+    #: Cookies this engine put in its jars (handled first).
+    cookies: list[CookieUpdate] = field(default_factory=list)
     #: The engine's stats (all now and then, the counts that crawl-wide
     #: limits read in between), for the CLOSESPIDER_* limits and LogStats.
     stats: dict[str, Any] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.requests or self.items or self.released or self.local
-                    or self.acked or self.stats is not None)
+                    or self.acked or self.cookies or self.stats is not None)
 
 
 @dataclass(slots=True)
