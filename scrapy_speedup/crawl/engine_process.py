@@ -231,9 +231,15 @@ def _build(spec: EngineSpec, index: int) -> tuple[Any, Any]:
     crawler: Any = process.create_crawler(spidercls)
     create_spider = crawler._create_spider
 
+    keeps_state = bool(settings.get("JOBDIR"))
+
     def create_engine_spider(*args: Any, **kwargs: Any) -> Any:
         spider = create_spider(*args, **kwargs)
         spider.start = _no_start
+        if keeps_state:
+            # JOBDIR's SpiderState runs in the coordinator; callbacks that use
+            # spider.state get one of this engine's own (not persisted).
+            spider.state = {}
         return spider
 
     crawler._create_spider = create_engine_spider

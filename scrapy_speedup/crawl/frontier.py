@@ -110,7 +110,12 @@ class FrontierScheduler(BaseScheduler):
         assert engine._slot is not None
         engine._slot.add_request(self._sentinel)
         self._fingerprints = self._seen_fingerprints()
+        self.crawler.signals.connect(self._spider_opened, signals.spider_opened)
         await self.coordinator.start(spec_for(self.crawler))
+
+    def _spider_opened(self, spider: Spider) -> None:
+        # The engines are ready, and the crawl pipelines open: leases may go
+        # out (JOBDIR may have queued requests from before).
         self.pump_soon()
 
     def close(self, reason: str) -> Deferred[None] | None:
@@ -269,8 +274,10 @@ class FrontierScheduler(BaseScheduler):
             return
         downloader = engine.downloader
         scraper_slot: Any = engine.scraper.slot
+        if scraper_slot is None:
+            return  # the crawl pipelines are not open yet: spider_opened pumps
         while not downloader.needs_backout():
-            if scraper_slot is not None and scraper_slot.itemproc_size >= _ITEMS_HIGH:
+            if scraper_slot.itemproc_size >= _ITEMS_HIGH:
                 self.pump_soon(_HELD_POLL_S)
                 return
             if not coordinator.accepting:
