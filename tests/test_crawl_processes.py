@@ -4,16 +4,21 @@ process, on every core. Whole ``scrapy crawl`` runs against real local sites."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
 import sys
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
+from scrapy_speedup.demo.graph import expected_pages
 from tests.conftest import DemoSite, run_crawl, start_capacity_site
 
 pytestmark = pytest.mark.subprocess
@@ -286,7 +291,7 @@ def test_a_crawler_process_script(tmp_path: Path, where: str) -> None:
     """CrawlerProcess in a script: a spider class defined in the script
     itself, or imported from a module."""
     if where == "module":
-        (tmp_path / "script_spiders.py").write_text(SCRIPT.split("if __name__")[0])
+        (tmp_path / "script_spiders.py").write_text(SCRIPT.split("if __name__", maxsplit=1)[0])
         source = "from script_spiders import ScriptSpider\n" + \
             SCRIPT.replace("class ScriptSpider", "class _Unused")
     else:
@@ -303,3 +308,88 @@ def test_a_crawler_process_script(tmp_path: Path, where: str) -> None:
     stats = json.loads(done.stdout.split("STATS ", 1)[1])
     assert stats["item_scraped_count"] == 30
     assert stats["speedup/crawl/processes"] == 2
+
+
+@contextmanager
+def graph_site(*args: str) -> Iterator[str]:
+    process = subprocess.Popen([sys.executable, "-m", "scrapy_speedup.demo.graph", *args],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        match = re.search(r"listening on (http://\S+)", process.stdout.readline())
+        assert match, "the graph site did not start"
+        yield match[1]
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def crawled_paths(items: list[dict]) -> Counter:
+    return Counter(urlparse(item["url"]).path for item in items)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_link_graphs_end_neither_early_nor_late(tmp_path: Path, seed: int) -> None:
+    """Pages that link nowhere, pages reachable only at the end of a long
+    chain: the crawl ends when, and only when, every reachable page is in."""
+    shape = ("--pages", "300", "--links", "4", "--shape", "random", "--seed", str(seed))
+    with graph_site(*shape, "--latency-ms", "2") as site:
+        result = run_crawl(tmp_path, spider="follow", settings=TWO,
+                           args={"site": site, "start_path": "/p/0"})
+    assert result.returncode == 0, result.log
+    assert result.stats["finish_reason"] == "finished"
+    paths = crawled_paths(result.items)
+    assert max(paths.values()) == 1
+    assert set(paths) == expected_pages(300, 4, seed=seed, shape="random")
+
+
+def test_a_site_of_duplicate_links(tmp_path: Path) -> None:
+    """A site where 90% of the links are to pages already linked: the same
+    pages as one process, each once, and the same count of filtered
+    duplicates (partly filtered in the engines, partly in the coordinator)."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with graph_site("--pages", "600", "--links", "10", "--dup-share", "0.9",
+                    "--latency-ms", "2") as site:
+        one = run_crawl(tmp_path / "one", spider="follow",
+                        args={"site": site, "start_path": "/p/0"})
+        two = run_crawl(tmp_path / "two", spider="follow", settings=TWO,
+                        args={"site": site, "start_path": "/p/0"})
+    for result in (one, two):
+        assert result.returncode == 0, result.log
+    assert crawled_paths(two.items) == crawled_paths(one.items)
+    assert set(crawled_paths(two.items)) == expected_pages(600, 10, dup_share=0.9)
+    assert two.stats["dupefilter/filtered"] == one.stats["dupefilter/filtered"] > 5000
+
+
+def test_priorities_hold_for_the_crawl(tmp_path: Path) -> None:
+    """Start requests with rising priorities, one request at a time: the
+    crawl goes in priority order, the same order as in one process (where
+    the first request leaves before the others are queued)."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    orders = []
+    with start_capacity_site(100, 5) as site:
+        for name, settings in (("one", {}), ("two", TWO)):
+            result = run_crawl(tmp_path / name, spider="crawl_pages",
+                               settings={**settings, "CONCURRENT_REQUESTS": 1},
+                               args={"site": site.url, "count": 30, "priority": 1})
+            assert result.returncode == 0, result.log
+            orders.append([item["n"] for item in result.items])
+    assert orders[1] == orders[0]
+    assert orders[1][1:] == list(range(29, 0, -1)), orders[1]
+
+
+def test_the_process_pool_in_engine_processes(tmp_path: Path) -> None:
+    """run_in_process in an engine's callback runs in that engine's pool; the
+    pools share the cores (one worker per core for the crawl)."""
+    with start_capacity_site(100, 5) as site:
+        result = run_crawl(tmp_path, spider="crawl_offload",
+                           settings={**TWO, "SPEEDUP_PROCESS_INLINE_BELOW_MS": 0},
+                           args={"site": site.url, "count": 40})
+    assert result.returncode == 0, result.log
+    assert sorted(item["n"] for item in result.items) == list(range(40))
+    assert all(item["worker"] != item["pid"] for item in result.items)
+    cores = len(os.sched_getaffinity(0))
+    assert result.stats["speedup/process/workers"] == 2 * max(1, round(cores / 2))
+    assert not result.alive_descendants()

@@ -16,14 +16,15 @@ class FollowSpider(scrapy.Spider):
     name = "follow"
     custom_settings = {"ITEM_PIPELINES": {}}
 
-    def __init__(self, site, close_at="", **kwargs):
+    def __init__(self, site, close_at="", start_path="/", **kwargs):
         super().__init__(**kwargs)
         self.site = site.rstrip("/")
         self.host = urlparse(self.site).netloc
         self.close_at = close_at
+        self.start_path = start_path
 
     async def start(self):
-        yield scrapy.Request(f"{self.site}/")
+        yield scrapy.Request(f"{self.site}{self.start_path}")
 
     def parse(self, response):
         if self.close_at and response.url.endswith(self.close_at):
@@ -72,3 +73,26 @@ class PagesSpider(scrapy.Spider):
         if self.lambdas and n % self.lambdas == 0:
             m = self.count + n
             yield scrapy.Request(f"{self.site}/page/{m}", callback=lambda r: [{"n": m}])
+
+
+class OffloadSpider(scrapy.Spider):
+    """``/page/0`` .. ``/page/count-1``, each item made by run_in_process in
+    the crawl's process pool (in an engine process: that engine's pool)."""
+
+    name = "crawl_offload"
+    custom_settings = {"ITEM_PIPELINES": {}}
+
+    def __init__(self, site, count="40", **kwargs):
+        super().__init__(**kwargs)
+        self.site = site.rstrip("/")
+        self.count = int(count)
+
+    async def start(self):
+        for n in range(self.count):
+            yield scrapy.Request(f"{self.site}/page/{n}", cb_kwargs={"n": n})
+
+    async def parse(self, response, n):
+        from scrapy_speedup import run_in_process
+
+        worker = await run_in_process(os.getpid)
+        yield {"n": n, "pid": os.getpid(), "worker": worker}
