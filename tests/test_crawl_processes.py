@@ -300,7 +300,7 @@ def test_a_crawler_process_script(tmp_path: Path, where: str) -> None:
     out = tmp_path / "items.jsonl"
     with start_capacity_site(100, 5) as site:
         done = subprocess.run([sys.executable, "run.py", site.url, str(out)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=90)
+                              capture_output=True, text=True, timeout=90, check=False)
     assert done.returncode == 0, done.stderr
     items = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(item["n"] for item in items) == list(range(30))
