@@ -393,3 +393,35 @@ def test_the_process_pool_in_engine_processes(tmp_path: Path) -> None:
     cores = len(os.sched_getaffinity(0))
     assert result.stats["speedup/process/workers"] == 2 * max(1, round(cores / 2))
     assert not result.alive_descendants()
+
+
+def test_the_example_projects_near_duplicates_are_the_same(demo_site: DemoSite,
+                                                          tmp_path: Path) -> None:
+    """The example project, its near-duplicate pipeline crawl-wide: the same
+    near-duplicate pairs as in one process."""
+    project = Path(__file__).resolve().parent.parent / "example_project"
+    results = []
+    for name, settings in (
+        ("one", []),
+        ("two", ["-s", "SPEEDUP_CRAWL_PROCESSES=2",
+                 "-s", 'ITEM_PIPELINES={"demo_catalogue.pipelines.MinHashPipeline": 300}',
+                 "-s", 'SPEEDUP_CRAWL_PIPELINES='
+                       '{"demo_catalogue.pipelines.NearDuplicatePipeline": 400}']),
+    ):
+        out = tmp_path / f"{name}.jsonl"
+        done = subprocess.run(
+            [sys.executable, "-m", "scrapy", "crawl", "catalogue", "-a", f"site={demo_site.url}",
+             "-o", f"{out}:jsonlines", "-s", "LOG_LEVEL=INFO", *settings],
+            cwd=project, capture_output=True, text=True, timeout=180, check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "ERROR" not in done.stderr, done.stderr[-3000:]
+        results.append([json.loads(line) for line in out.read_text().splitlines()])
+    one, two = results
+    assert sorted(item["url"] for item in two) == sorted(item["url"] for item in one)
+
+    def pairs(items: list[dict]) -> set[frozenset[str]]:
+        return {frozenset((item["url"], item["near_duplicate_of"])) for item in items
+                if item.get("near_duplicate_of")}
+
+    assert pairs(one) and pairs(two) == pairs(one)
