@@ -101,6 +101,9 @@ class Addon:
         self._hold_slot_limits(settings)
         if config.coordinates:
             self._as_coordinator(settings, config)
+            # Started from here, the main thread: it then ignores Ctrl-C, which
+            # would otherwise kill it, and the engines it starts, mid-start.
+            warm_up_fork_server(config)
             return
         if config.engine_index is not None:
             self._as_engine(settings, config, config.engine_index)
@@ -140,6 +143,21 @@ class Addon:
                 " above 1 (pages without items in a row have no order across engine"
                 " processes); use CLOSESPIDER_TIMEOUT_NO_ITEM"
             )
+        if settings.getbool("HTTPCACHE_ENABLED"):
+            from scrapy.extensions.httpcache import DbmCacheStorage
+
+            storage = settings.get("HTTPCACHE_STORAGE")
+            try:
+                storage_cls = load_object(storage)
+            except (ImportError, NameError, ValueError, AttributeError):
+                storage_cls = None  # Scrapy says what is wrong with it
+            if isinstance(storage_cls, type) and issubclass(storage_cls, DbmCacheStorage):
+                raise SpeedupSettingsError(
+                    f"HTTPCACHE_STORAGE ({storage}) keeps the cache in one database file,"
+                    " which the engine processes of SPEEDUP_CRAWL_PROCESSES cannot share:"
+                    " use scrapy.extensions.httpcache.FilesystemCacheStorage (Scrapy's"
+                    " default, a folder per page)"
+                )
         settings.set(INNER_SCHEDULER_SETTING, settings.get("SCHEDULER"), priority=_DECIDES)
         settings.set("SCHEDULER", "scrapy_speedup.crawl.frontier.FrontierScheduler",
                      priority=_DECIDES)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from scrapy.exceptions import CloseSpider
 from scrapy.utils.request import request_from_dict
 
 from scrapy_speedup.crawl import engine_process
@@ -75,6 +76,7 @@ _POISON_DEATHS = 2
 # parse, while an engine that parses slowly does not take every request.
 _LEASES_PER_SHARE = 2
 _MIN_LEASES_PER_ENGINE = 16
+_STOP_POLL_S = 0.1
 # How long engines have to close after SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS (their
 # own offloaded work has that long) before they are killed.
 _CLOSE_MARGIN_S = 15.0
@@ -165,6 +167,8 @@ class Coordinator:
         self._turn = 0
         self._room_waiters: list[Any] = []
         self._ready_waiter: Any = None
+        self._stop_watch: Timer | None = None
+        self._stopped_while_starting = False
         self._start_error: str | None = None
         self._flush_timer: Timer | None = None
         self._close_timer: Timer | None = None
@@ -190,10 +194,19 @@ class Coordinator:
         _live.add(self)
         for index in range(self.n):
             self._spawn(index)
+        self._stop_watch = self.bridge.call_later(_STOP_POLL_S, self._watch_stop_while_starting)
         try:
             await self._ready_waiter
         finally:
             timer.cancel()
+            if self._stop_watch is not None:
+                self._stop_watch.cancel()
+        if self._stopped_while_starting:
+            # Ctrl-C before the engines were up: the crawl closes as any
+            # stopped crawl does (Scrapy closes a spider that raises
+            # CloseSpider while it opens), with its stats.
+            self.kill_all()
+            raise CloseSpider("shutdown")
         if self._start_error is not None:
             self.kill_all()
             raise EngineProcessError(self._start_error)
@@ -204,6 +217,20 @@ class Coordinator:
             ", ".join(str(e.process.pid) for e in self._engines if e is not None), self._cap,
             extra={"crawler": self.crawler},
         )
+
+    def _watch_stop_while_starting(self) -> None:
+        """Scrapy's graceful stop (Ctrl-C) does nothing to a crawler that is
+        still opening, which engines starting make a matter of seconds: it
+        is noticed here, and start() ends."""
+        self._stop_watch = None
+        if self._ready_waiter is None or not self.bridge.is_pending(self._ready_waiter):
+            return
+        if not self.crawler.crawling:
+            self._stopped_while_starting = True
+            self.bridge.resolve(self._ready_waiter, None)
+            return
+        self._stop_watch = self.bridge.call_later(_STOP_POLL_S,
+                                                  self._watch_stop_while_starting)
 
     def _start_timed_out(self) -> None:
         slow = [i for i, e in enumerate(self._engines) if e is None or not e.ready]

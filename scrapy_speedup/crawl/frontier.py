@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from typing import TYPE_CHECKING, Any
 
 from scrapy import Request, signals
 from scrapy.core.scheduler import BaseScheduler
+from scrapy.exceptions import CloseSpider
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import build_from_crawler, load_object
 
@@ -52,6 +54,9 @@ INNER_SCHEDULER_SETTING = "_SPEEDUP_FRONTIER_SCHEDULER"
 # a slow crawl pipeline slows the crawl instead of filling memory.
 _ITEMS_HIGH = 2000
 _HELD_POLL_S = 0.05
+# Beyond SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS, how long the reactor's shutdown
+# waits for a spider closing while its engines started.
+_CLOSE_MARGIN_S = 30.0
 
 
 class _EnginesAtWork(Request):
@@ -111,7 +116,52 @@ class FrontierScheduler(BaseScheduler):
         engine._slot.add_request(self._sentinel)
         self._fingerprints = self._seen_fingerprints()
         self.crawler.signals.connect(self._spider_opened, signals.spider_opened)
-        await self.coordinator.start(spec_for(self.crawler))
+        self._hold_reactor_until_closed()
+        try:
+            await self.coordinator.start(spec_for(self.crawler))
+        except CloseSpider:
+            # Stopped while the engines started: Scrapy closes the spider at
+            # once, and its close needs the scraper open, which an exception
+            # here would skip.
+            await engine.scraper.open_spider_async()
+            raise
+
+    def _hold_reactor_until_closed(self) -> None:
+        """Scrapy's graceful stop (Ctrl-C) of a crawler still opening stops
+        the Twisted reactor at once, and engine processes take seconds to
+        open: the reactor's shutdown waits here until the spider has closed
+        (at once on a second Ctrl-C, in bounded time in any case). In
+        reactorless mode Scrapy waits for the crawl by itself."""
+        from scrapy.utils.reactorless import is_reactorless
+
+        if is_reactorless():
+            return
+        from twisted.internet import reactor as _reactor
+
+        reactor: Any = _reactor  # the installed reactor; the stubs cannot know it
+        reactor.addSystemEventTrigger("before", "shutdown", self._until_closed)
+
+    def _until_closed(self) -> Deferred[None] | None:
+        from twisted.internet.defer import Deferred
+
+        from scrapy_speedup.extension import _forced_stop
+
+        if self.crawler.engine is None or self.crawler.engine.spider is None:
+            return None
+        done: Deferred[None] = Deferred()
+        until = time.monotonic() + self.config.shutdown_timeout_seconds + _CLOSE_MARGIN_S
+        bridge = SpeedupExtension.of(self.crawler).bridge
+
+        def check() -> None:
+            engine = self.crawler.engine
+            if engine is None or engine.spider is None or _forced_stop() or \
+                    time.monotonic() > until:
+                done.callback(None)
+            else:
+                bridge.call_later(_HELD_POLL_S, check)
+
+        check()
+        return done
 
     def _spider_opened(self, spider: Spider) -> None:
         # The engines are ready, and the crawl pipelines open: leases may go

@@ -1037,6 +1037,8 @@ def warm_up_fork_server(config: SpeedupConfig) -> None:
 
     modules = ["scrapy_speedup.process.worker", "scrapy.crawler"]
     modules += [path.rpartition(".")[0] for path in config.process_pipelines]
+    if config.crawl_processes > 1:
+        modules.append("scrapy_speedup.crawl.engine_process")
     # Preloading ignores modules that fail to import (workers then report the
     # error themselves); once the server runs, ensure_running() does nothing.
     forkserver.set_forkserver_preload(modules)
