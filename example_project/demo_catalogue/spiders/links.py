@@ -23,7 +23,8 @@ class LinksSpider(scrapy.Spider):
     ``scrapy crawl links -a site=http://127.0.0.1:PORT``; one item a page.
 
     ``-a cpu_ms=10`` makes each page cost 10 ms of CPU in the callback, as
-    heavy parsing on a slow machine does."""
+    heavy parsing on a slow machine does; ``-a items=0`` yields only the
+    requests (to measure the frontier alone)."""
 
     name = "links"
     # A plain link-following crawl: none of the project's CPU-heavy pipelines.
@@ -36,10 +37,11 @@ class LinksSpider(scrapy.Spider):
     }
 
     def __init__(self, site: str = "http://127.0.0.1:8000", cpu_ms: str = "0",
-                 **kwargs: Any) -> None:
+                 items: str = "1", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.site = site.rstrip("/")
         self.cpu_s = float(cpu_ms) / 1000
+        self.items = items != "0"
 
     async def start(self) -> AsyncIterator[scrapy.Request]:
         yield scrapy.Request(f"{self.site}/p/0")
@@ -49,7 +51,8 @@ class LinksSpider(scrapy.Spider):
             deadline = time.thread_time() + self.cpu_s
             while time.thread_time() < deadline:
                 hashlib.sha256(response.body).digest()
-        yield {"url": response.url, "title": response.css("h1::text").get()}
+        if self.items:
+            yield {"url": response.url, "title": response.css("h1::text").get()}
         yield from response.follow_all(css="a::attr(href)")
 
 
