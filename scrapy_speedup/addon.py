@@ -170,6 +170,13 @@ class Addon:
             settings.set("DOWNLOADER_MIDDLEWARES", {
                 "scrapy_speedup.adaptive.AdaptiveConcurrencyMiddleware": 580,
             }, priority=_DECIDES)
+        for path in config.crawl_pipelines:
+            try:
+                load_object(path)
+            except (ImportError, NameError, ValueError, AttributeError) as exc:
+                raise SpeedupSettingsError(
+                    f"SPEEDUP_CRAWL_PIPELINES lists {path!r}, which cannot be imported: {exc}"
+                ) from exc
         crawl_pipelines: dict[Any, int] = dict(config.crawl_pipelines)
         for cls, order in _sqlite_pipelines(settings).items():
             crawl_pipelines[cls] = order
@@ -196,6 +203,9 @@ class Addon:
             "JOBDIR": None,
             "TELNETCONSOLE_ENABLED": False,
             "LOG_FILE_APPEND": True,
+            # The coordinator's collector persists the crawl's stats, once;
+            # an engine's go to the coordinator.
+            "STATS_CLASS": "scrapy.statscollectors.MemoryStatsCollector",
             **dict.fromkeys(_CLOSESPIDER, 0),
         }
         slots = settings.getdict("DOWNLOAD_SLOTS")
@@ -204,11 +214,6 @@ class Addon:
                 key: {k: v for k, v in dict(value).items() if k != "delay"}
                 for key, value in slots.items()
             }
-        log_format = settings.get("LOG_FORMAT") or ""
-        if "[%(name)s]" in log_format:
-            decide["LOG_FORMAT"] = log_format.replace("[%(name)s]", f"[engine {index}] [%(name)s]")
-        else:
-            decide["LOG_FORMAT"] = f"[engine {index}] {log_format}"
         for name, value in decide.items():
             settings.set(name, value, priority=_DECIDES)
         for cls in _sqlite_pipelines(settings):  # the coordinator's (see _as_coordinator)

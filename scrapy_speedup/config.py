@@ -229,11 +229,17 @@ ENGINE_INDEX_SETTING = "_SPEEDUP_ENGINE_INDEX"
 def _crawl_processes(settings: BaseSettings) -> int:
     name = "SPEEDUP_CRAWL_PROCESSES"
     value = _raw(settings, name)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count() or 1
+        return cores
+    # Each engine is a whole crawler process (~80 MB); past a few per core
+    # they only share the cores, and a typo (1000) would start them all.
+    most = max(4 * cores, 2)
     number = _int(settings, name, 1, minimum=1, maximum=_MAX_WORKERS)
     assert number is not None
+    if number > most:
+        raise _error(name, value, f'at most {most} (4 x the {cores} cores here), or "auto"')
     return number
 
 

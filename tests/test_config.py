@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -100,6 +101,13 @@ def test_values_from_command_line_strings() -> None:
         ({"SPEEDUP_PROCESS_WORKERS": 10**10}, r"SPEEDUP_PROCESS_WORKERS .* must be at most 1024"),
         ({"SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 1e10}, r"SHUTDOWN_TIMEOUT_SECONDS .* at most 604800"),
         ({"SPEEDUP_PROCESS_MAX_MESSAGE_MB": 1e-9}, r"MAX_MESSAGE_MB .* must be at least 1"),
+        ({"SPEEDUP_CRAWL_PROCESSES": 0}, r"SPEEDUP_CRAWL_PROCESSES \(0\) must be 1 or more"),
+        ({"SPEEDUP_CRAWL_PROCESSES": "many"}, r"SPEEDUP_CRAWL_PROCESSES .* an integer"),
+        ({"SPEEDUP_CRAWL_PROCESSES": 1000}, r"SPEEDUP_CRAWL_PROCESSES \(1000\) must be at most"
+                                            r" \d+ \(4 x the \d+ cores here\)"),
+        ({"SPEEDUP_CRAWL_PIPELINES": "{not json"}, r"SPEEDUP_CRAWL_PIPELINES .* not valid JSON"),
+        ({"SPEEDUP_CRAWL_PIPELINES": {"a.B": "x"}}, r"gives 'a.B' the order 'x'"),
+        ({"SPEEDUP_CRAWL_PIPELINES": 5}, r"SPEEDUP_CRAWL_PIPELINES \(5\) must be a dict"),
     ],
 )
 def test_bad_values_are_named(values: dict[str, object], message: str) -> None:
@@ -147,3 +155,14 @@ def test_any_value_is_taken_or_refused_by_name(name: str, value: object) -> None
     assert c.shutdown_timeout_seconds > 0 and c.lag_warn_ms > 0
     assert c.process_start_method in ("forkserver", "spawn")
     assert all(isinstance(p, str) and p for p in c.process_pipelines)
+
+
+def test_crawl_processes_and_pipelines() -> None:
+    assert config().crawl_processes == 1
+    assert not config(SPEEDUP_CRAWL_PROCESSES=2).engine_index
+    assert config(SPEEDUP_CRAWL_PROCESSES="auto").crawl_processes == len(os.sched_getaffinity(0))
+    assert config(SPEEDUP_CRAWL_PROCESSES=2).coordinates
+    assert not config(SPEEDUP_CRAWL_PROCESSES=2, _SPEEDUP_ENGINE_INDEX=0).coordinates
+    assert config(SPEEDUP_CRAWL_PIPELINES="a.B, c.D").crawl_pipelines == {"a.B": 0, "c.D": 1}
+    assert config(SPEEDUP_CRAWL_PIPELINES='{"a.B": 300, "c.D": null}').crawl_pipelines == \
+        {"a.B": 300}

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from scrapy_speedup._bridge import Bridge, Timer
     from scrapy_speedup.config import SpeedupConfig
 
-__all__ = ["RETURNED", "Coordinator", "LeaseOutcome"]
+__all__ = ["HANDLED", "RETURNED", "Coordinator", "LeaseOutcome"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ class LeaseOutcome(NamedTuple):
 
 #: The lease came back undownloaded (its engine died or the crawl is closing).
 RETURNED = LeaseOutcome(None, None, "returned")
-_HANDLED = LeaseOutcome(None, None, "handled without a download")
+#: The engine handled the lease without downloading it: a cache hit, or a
+#: downloader middleware answered or ignored it.
+HANDLED = LeaseOutcome(None, None, "handled without a download")
 
 
 @dataclass(eq=False)
@@ -447,7 +449,7 @@ class Coordinator:
             if held is self._suspect_out:
                 self._next_suspect()
             if held.waiter is not None:
-                self.bridge.resolve(held.waiter, _HANDLED)
+                self.bridge.resolve(held.waiter, HANDLED)
             for blob in held.items:
                 self._commit(blob)
         if report.stats is not None:

@@ -13,12 +13,14 @@ crawl. AutoThrottle, which runs here, sees the download's latency and status
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from scrapy import signals
 from scrapy.exceptions import DownloadTimeoutError
 from scrapy.http import Response
 
+from scrapy_speedup.crawl.coordinator import HANDLED
 from scrapy_speedup.downloader import SpeedupDownloader
 
 if TYPE_CHECKING:
@@ -50,6 +52,14 @@ class CoordinatorDownloader(SpeedupDownloader):
         slot.transferring.add(request)
         try:
             outcome = await self._coordinator().lease(request)
+            if outcome is HANDLED and slot.delay:
+                # Nothing reached the site (a cache hit, a request a
+                # middleware answered): as in one process, where such a
+                # request never reaches the slot, the next waits no delay.
+                slot.lastseen = monotonic() - slot.delay
+                if slot.latercall is not None:  # the wait for the delay
+                    slot.latercall.cancel()
+                    slot.latercall = None
             if outcome.status is None:
                 if outcome.error in _TIMEOUT_NAMES:
                     # What the coordinator's adaptive concurrency takes as

@@ -223,6 +223,12 @@ def _build(spec: EngineSpec, index: int) -> tuple[Any, Any]:
 
     settings = pickle.loads(spec.settings)
     settings.set(ENGINE_INDEX_SETTING, index, priority=100)
+    # Before the process configures logging: every line of this engine,
+    # Scrapy's start-up lines too, says which engine it is.
+    log_format = settings.get("LOG_FORMAT") or ""
+    marked = f"[engine {index}] [%(name)s]"
+    settings.set("LOG_FORMAT", log_format.replace("[%(name)s]", marked) if "[%(name)s]"
+                 in log_format else f"[engine {index}] {log_format}", priority=100)
     module = importlib.import_module(spec.spider_module)
     spidercls: Any = module
     for part in spec.spider_qualname.split("."):
