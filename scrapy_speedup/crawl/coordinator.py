@@ -270,7 +270,16 @@ class Coordinator:
         if error is not None:
             engine.gone = True
             engine.conn.close()
-            self._fail_start(f"engine process {engine.index} could not be started: {error!r}")
+            why = f"engine process {engine.index} could not be started: {error!r}"
+            starting = self._ready_waiter is not None and \
+                self.bridge.is_pending(self._ready_waiter)
+            self._fail_start(why)
+            if not starting:
+                # A replacement: the crawl goes on with the others, if any.
+                logger.error("scrapy-speedup: %s", why, extra={"crawler": self.crawler})
+                if not any(e is not None and not e.gone for e in self._engines):
+                    self._close_crawl("engine_error")
+                self._check_all_closed()
             return
         engine.channel = Channel(
             engine.conn.fileno(), self.bridge, self._max_message_bytes,
@@ -312,7 +321,8 @@ class Coordinator:
         spider = self.crawler.spider
         try:
             blob = pickle.dumps(request.to_dict(spider=spider), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # checked on the way in: a request changed since  # noqa: BLE001 - pickling and user code raise anything
+        # Checked on the way in; this is a request changed since.
+        except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything
             logger.error("scrapy-speedup: %s cannot be sent to an engine process (%s);"
                          " it is not crawled", request, exc, extra={"crawler": self.crawler})
             self.stats.inc_value(_STAT + "unserializable_count")
@@ -396,13 +406,13 @@ class Coordinator:
                 self._wake_room()
                 self._wake()  # a replacement: requests put back wait for it
             elif isinstance(message, StartFailed):
-                self._fail_start(
-                    f"engine process {engine.index} failed to start the spider:\n{message.error}"
-                )
-                if self._ready_waiter is None or not self.bridge.is_pending(self._ready_waiter):
+                why = f"engine process {engine.index} failed to start the spider:\n{message.error}"
+                starting = self._ready_waiter is not None and \
+                    self.bridge.is_pending(self._ready_waiter)
+                self._fail_start(why)
+                if not starting:
                     # A replacement that failed: the crawl cannot go on as asked.
-                    logger.error("scrapy-speedup: %s", self._start_error,
-                                 extra={"crawler": self.crawler})
+                    logger.error("scrapy-speedup: %s", why, extra={"crawler": self.crawler})
                     self._close_crawl("engine_error")
             elif isinstance(message, Closed):
                 self._on_engine_closed(engine, message)
@@ -578,9 +588,15 @@ class Coordinator:
         if engine.process.exitcode is None and not engine.closed:
             engine.process.kill()  # a broken channel: it cannot be trusted on
         crashed = not engine.closed
+        starting = self._ready_waiter is not None and self.bridge.is_pending(self._ready_waiter)
         if crashed and not engine.ready and not self.closing:
-            self._fail_start(f"engine process {engine.index} ended before it opened the"
-                             f" spider ({why})")
+            if starting:
+                self._fail_start(f"engine process {engine.index} ended before it opened the"
+                                 f" spider ({why})")
+            else:  # a replacement
+                logger.error("scrapy-speedup: engine process %d ended before it opened the"
+                             " spider (%s)", engine.index, why, extra={"crawler": self.crawler})
+                self._replace(engine)
         lost = poisoned = 0
         for held in engine.leases.values():
             alone = held is self._suspect_out
