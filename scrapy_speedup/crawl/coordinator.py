@@ -76,13 +76,6 @@ _POISON_DEATHS = 2
 # parse, while an engine that parses slowly does not take every request.
 _LEASES_PER_SHARE = 2
 _MIN_LEASES_PER_ENGINE = 16
-# Responses an engine may have downloaded and not yet handled before it gets
-# another lease. Past it the engine's reactor is the bottleneck (heavy
-# callbacks or pipelines): more leases would only wait there, in order,
-# behind its backlog, while the frontier, with its priorities, and the other
-# engines could serve them (a link to the next page of a catalogue waited
-# behind 30 pages of CPU work, and the crawl ran 1.40x instead of 1.7x).
-_MAX_BACKLOG = 4
 _STOP_POLL_S = 0.1
 # How long engines have to close after SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS (their
 # own offloaded work has that long) before they are killed.
@@ -131,8 +124,6 @@ class _Engine:
     gone: bool = False
     restarts: int = 0
     leases: dict[int, _Lease] = field(default_factory=dict)
-    #: Leases downloaded and not yet acknowledged.
-    backlog: int = 0
     outbox: list[tuple[int, bytes]] = field(default_factory=list)
     cookie_outbox: list[CookieUpdate] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -318,7 +309,6 @@ class Coordinator:
         for step in range(n):
             engine = self._engines[(self._turn + step) % n]
             if engine is not None and engine.usable and len(engine.leases) < self._cap \
-                    and engine.backlog < _MAX_BACKLOG \
                     and (best is None or len(engine.leases) < len(best.leases)):
                 best = engine
         return best
@@ -459,7 +449,6 @@ class Coordinator:
             if held is not None and held.waiter is not None:
                 self.bridge.resolve(held.waiter, LeaseOutcome(status, latency, error))
                 held.waiter = None
-                engine.backlog += 1
         for lease_id in report.local:
             engine.leases[lease_id] = _Lease(lease_id, None, engine)
             self.stats.inc_value(_STAT + "kept_in_engine_count")
@@ -471,8 +460,6 @@ class Coordinator:
                 self._next_suspect()
             if held.waiter is not None:
                 self.bridge.resolve(held.waiter, HANDLED)
-            elif held.request is not None:
-                engine.backlog -= 1
             for blob in held.items:
                 self._commit(blob)
         if report.stats is not None:
@@ -625,7 +612,6 @@ class Coordinator:
                 self._requeue(held.request)
         requeued = len(engine.leases) - lost - poisoned
         engine.leases.clear()
-        engine.backlog = 0
         engine.outbox.clear()
         if crashed and engine.ready:
             self.stats.inc_value(_STAT + "process_crash_count")
