@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_thread.py
 	$(BIN)/python benchmarks/bench_concurrency.py
 	$(BIN)/python benchmarks/bench_doctor.py
+	$(BIN)/python benchmarks/bench_crawl_processes.py
 
 clean:
 	rm -rf $(VENV) docs/_build benchmarks/results *.egg-info
