@@ -213,3 +213,13 @@ def start_capacity_site(capacity: int, latency_ms: float,
         process.kill()
         raise RuntimeError("the capacity site did not start")
     return DemoSite(match[1], process)
+
+
+@pytest.fixture(scope="session")
+def follow_whole(demo_site: DemoSite, tmp_path_factory: pytest.TempPathFactory) -> CrawlResult:
+    """The demo site crawled by the ``follow`` spider in one process: what a
+    crawl of engine processes must match."""
+    result = run_crawl(tmp_path_factory.mktemp("follow-whole"), spider="follow",
+                       args={"site": demo_site.url})
+    assert result.returncode == 0, result.log
+    return result

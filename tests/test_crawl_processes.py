@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import pytest
 
 from scrapy_speedup.demo.graph import expected_pages
-from tests.conftest import DemoSite, run_crawl, start_capacity_site
+from tests.conftest import CrawlResult, DemoSite, run_crawl, start_capacity_site
 
 pytestmark = pytest.mark.subprocess
 
@@ -30,14 +30,12 @@ def engine_pids(items: list[dict]) -> set[int]:
     return {item["pid"] for item in items if "pid" in item}
 
 
-def test_same_crawl_as_one_process(demo_site: DemoSite, runtime: str, tmp_path: Path) -> None:
+def test_same_crawl_as_one_process(demo_site: DemoSite, follow_whole: CrawlResult,
+                                   runtime: str, tmp_path: Path) -> None:
     """The demo site, every link followed (most are to pages already seen):
     the same pages, each scraped once, and the same counts."""
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    one = run_crawl(tmp_path / "one", spider="follow", runtime=runtime,
-                    args={"site": demo_site.url})
-    two = run_crawl(tmp_path / "two", spider="follow", runtime=runtime,
+    one = follow_whole
+    two = run_crawl(tmp_path, spider="follow", runtime=runtime,
                     args={"site": demo_site.url}, settings=TWO)
     for result in (one, two):
         assert result.returncode == 0, result.log

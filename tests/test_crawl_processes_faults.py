@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Crawl, DemoSite, run_crawl
+from tests.conftest import Crawl, CrawlResult, DemoSite, run_crawl
 
 pytestmark = pytest.mark.subprocess
 
@@ -30,12 +30,10 @@ def start(tmp_path: Path, demo_site: DemoSite, **settings: object) -> tuple[Craw
     return crawl, pids
 
 
-def test_an_engine_killed_mid_crawl_loses_nothing(demo_site: DemoSite, tmp_path: Path) -> None:
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    whole = run_crawl(tmp_path / "one", spider="follow", args={"site": demo_site.url})
-    assert whole.returncode == 0, whole.log
-    crawl, pids = start(tmp_path / "two", demo_site)
+def test_an_engine_killed_mid_crawl_loses_nothing(demo_site: DemoSite, follow_whole: CrawlResult,
+                                                  tmp_path: Path) -> None:
+    whole = follow_whole
+    crawl, pids = start(tmp_path, demo_site)
     os.kill(pids[0], signal.SIGKILL)
     result = crawl.result(timeout=120)
     assert result.returncode == 0, result.log
@@ -86,14 +84,14 @@ def test_ctrl_c_twice_exits_within_5_seconds(demo_site: DemoSite, tmp_path: Path
     assert not result.alive_descendants(grace=2)
 
 
-def test_jobdir_resumes_where_ctrl_c_stopped(demo_site: DemoSite, tmp_path: Path) -> None:
+def test_jobdir_resumes_where_ctrl_c_stopped(demo_site: DemoSite, follow_whole: CrawlResult,
+                                            tmp_path: Path) -> None:
     """The frontier is the coordinator's, persisted by Scrapy's own scheduler:
     stopped with Ctrl-C and run again, the crawl covers the whole site, each
     page in one run only."""
-    for name in ("whole", "first", "second"):
+    for name in ("first", "second"):
         (tmp_path / name).mkdir()
-    whole = run_crawl(tmp_path / "whole", spider="follow", args={"site": demo_site.url})
-    assert whole.returncode == 0, whole.log
+    whole = follow_whole
     jobdir = str(tmp_path / "job")
     crawl, _ = start(tmp_path / "first", demo_site, JOBDIR=jobdir)
     crawl.wait_for_log(r"Scraped from .*product/1\d\d")
