@@ -162,7 +162,15 @@ class SpeedupExtension:
         # Workers and threads start on first use (process workers now, for
         # the pipelines that run in them, whose open_spider waits for them): a
         # crawl that never offloads, or whose calls are all cheap, pays nothing.
-        if config.process_enabled:
+        if config.coordinates:
+            # The crawl's work, pipelines in workers included, is the engine
+            # processes'; each logs its own pools.
+            pools = (
+                f"coordinator of {config.crawl_processes} engine processes (they run the"
+                " callbacks and ITEM_PIPELINES, and their own pools; a pool of this"
+                " process starts only if something here uses it)"
+            )
+        elif config.process_enabled:
             pools = (
                 f"process pool of {config.process_workers} workers"
                 f" ({config.process_start_method}), {config.process_max_in_flight}"
