@@ -361,19 +361,26 @@ def test_a_site_of_duplicate_links(tmp_path: Path) -> None:
 
 
 def test_priorities_hold_for_the_crawl(tmp_path: Path) -> None:
-    """Start requests with rising priorities, one request at a time: the
-    crawl goes in priority order, the same order as in one process (where
-    the first request leaves before the others are queued)."""
+    """Start requests with rising priorities, one download at a time: the
+    crawl downloads in priority order, the same order as in one process
+    (where the first request leaves before the others are queued). The order
+    is the downloads' ("Crawled" lines: each is logged before the next
+    download may start); items may be committed in another order, as the
+    next download starts once the previous has ended, before its page is
+    handled."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     orders = []
     with start_capacity_site(100, 5) as site:
         for name, settings in (("one", {}), ("two", TWO)):
             result = run_crawl(tmp_path / name, spider="crawl_pages",
-                               settings={**settings, "CONCURRENT_REQUESTS": 1},
+                               settings={**settings, "CONCURRENT_REQUESTS": 1,
+                                         "LOG_LEVEL": "DEBUG"},
                                args={"site": site.url, "count": 30, "priority": 1})
             assert result.returncode == 0, result.log
-            orders.append([item["n"] for item in result.items])
+            assert sorted(item["n"] for item in result.items) == list(range(30))
+            orders.append([int(n) for n in re.findall(r"Crawled \(200\) <GET \S+/page/(\d+)>",
+                                                      result.log)])
     assert orders[1] == orders[0]
     assert orders[1][1:] == list(range(29, 0, -1)), orders[1]
 
