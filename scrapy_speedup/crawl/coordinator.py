@@ -242,6 +242,11 @@ class Coordinator:
             " (SPEEDUP_CRAWL_START_TIMEOUT_SECONDS)"
         )
 
+    @property
+    def _starting(self) -> bool:
+        """Whether start() still waits for the engines to open."""
+        return self._ready_waiter is not None and self.bridge.is_pending(self._ready_waiter)
+
     def _fail_start(self, why: str) -> None:
         if self._start_error is None:
             self._start_error = why
@@ -271,8 +276,7 @@ class Coordinator:
             engine.gone = True
             engine.conn.close()
             why = f"engine process {engine.index} could not be started: {error!r}"
-            starting = self._ready_waiter is not None and \
-                self.bridge.is_pending(self._ready_waiter)
+            starting = self._starting
             self._fail_start(why)
             if not starting:
                 # A replacement: the crawl goes on with the others, if any.
@@ -407,8 +411,7 @@ class Coordinator:
                 self._wake()  # a replacement: requests put back wait for it
             elif isinstance(message, StartFailed):
                 why = f"engine process {engine.index} failed to start the spider:\n{message.error}"
-                starting = self._ready_waiter is not None and \
-                    self.bridge.is_pending(self._ready_waiter)
+                starting = self._starting
                 self._fail_start(why)
                 if not starting:
                     # A replacement that failed: the crawl cannot go on as asked.
@@ -588,7 +591,7 @@ class Coordinator:
         if engine.process.exitcode is None and not engine.closed:
             engine.process.kill()  # a broken channel: it cannot be trusted on
         crashed = not engine.closed
-        starting = self._ready_waiter is not None and self.bridge.is_pending(self._ready_waiter)
+        starting = self._starting
         if crashed and not engine.ready and not self.closing:
             if starting:
                 self._fail_start(f"engine process {engine.index} ended before it opened the"
