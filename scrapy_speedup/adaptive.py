@@ -556,11 +556,17 @@ class AdaptiveConcurrencyMiddleware:
             self.stats.get_value(_STAT + "slots_tracked_max", 0),
             "; ".join(
                 f"{_short(key)}: limit {round(state.limit)} (min {state.lowest},"
-                f" max {state.highest}, {state.responses} responses)"
+                f" max {state.highest}, {state.responses} responses{_no_load(state)})"
                 for key, state in busiest
             ) or "none",
             extra={"crawler": self.crawler},
         )
+
+
+def _no_load(state: _SlotState) -> str:
+    if state.no_load_s is None:
+        return ""
+    return f", no-load latency {state.no_load_s * 1000:.0f} ms"
 
 
 def _short(key: str) -> str:

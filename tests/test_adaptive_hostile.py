@@ -293,7 +293,12 @@ async def test_a_site_of_redirects_keeps_its_concurrency(caplog: pytest.LogCaptu
                           timeout=60, urls=[f"{url}/redirect/{i}" for i in range(300)])
     assert run.finish_reason == "finished"
     assert len(run.items) == 300
-    limit, _, highest = final_limit(caplog.text)
-    # Plain pages end around 10-12 in this process (shared with the server);
-    # taking the redirects for the no-load latency held it at 1 or 2.
-    assert highest >= 12 and limit >= 4, caplog.text[-2000:]
+    _, lowest, highest = final_limit(caplog.text)
+    no_load = re.search(r"no-load latency (\d+) ms", caplog.text)
+    assert no_load, caplog.text[-2000:]
+    # Every page takes the server's 20 ms at least; a redirect ~1 ms, and taken
+    # for the no-load latency it held the limit at 1 or 2. (The final and
+    # highest limits say the same only on an idle machine: CI, busy, saw a
+    # correct crawl end at max 10, limit 4, min 2.)
+    assert int(no_load[1]) >= 20, caplog.text[-2000:]
+    assert highest >= 6 and lowest >= 2, caplog.text[-2000:]
