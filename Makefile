@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,dask]"
 	touch $(STAMP)
 
 ## make demo: the example crawl on the bundled local site, without and with scrapy-speedup

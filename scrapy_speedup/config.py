@@ -8,6 +8,7 @@ and what it must be, whatever its type (a command-line string, a list, NaN).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import multiprocessing
@@ -16,6 +17,7 @@ import re
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from scrapy_speedup.exceptions import SpeedupSettingsError
 
@@ -25,7 +27,10 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
 
-__all__ = ["ENGINE_INDEX_SETTING", "SpeedupConfig", "SpeedupSettingsError", "default_start_method"]
+__all__ = [
+    "ENGINE_INDEX_SETTING", "DaskSettings", "SpeedupConfig", "SpeedupSettingsError",
+    "default_start_method",
+]
 
 #: Offloading a call costs the crawl's process ~55 us alone and ~0.2-0.4 ms in a
 #: busy crawl (pickling, the socket, an extra turn of the loop): always
@@ -221,6 +226,104 @@ def _per_slot_default(settings: BaseSettings) -> int:
     return 8
 
 
+_EXECUTORS = ("local", "dask")
+
+
+@dataclass(frozen=True)
+class DaskSettings:
+    """Where the Dask scheduler is, and how to reach it safely."""
+
+    address: str
+    #: (CA file, certificate file, key file) for a ``tls://`` address.
+    tls: tuple[str, str, str] | None
+    connect_timeout_seconds: float
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: where it points is not known here
+
+
+def _dask(settings: BaseSettings, executor: str) -> DaskSettings | None:
+    """The Dask settings, checked for safety: tasks are pickles, and a
+    worker runs whatever pickle it is sent, so they travel only over TLS, or
+    to this machine, unless the user says in so many words that the network
+    is trusted (unauthenticated Dask schedulers have been a known hole,
+    CVE-2021-42343)."""
+    name = "SPEEDUP_DASK_SCHEDULER_ADDRESS"
+    address = _str(settings, name, None)
+    if executor != "dask":
+        return None
+    if address is None:
+        raise SpeedupSettingsError(
+            f'SPEEDUP_PROCESS_EXECUTOR is "dask": set {name} to the Dask scheduler\'s'
+            ' address, e.g. "tls://scheduler.example:8786" or "tcp://127.0.0.1:8786"'
+        )
+    address = address.strip()
+    parts = urlsplit(address)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if parts.scheme not in ("tcp", "tls") or not host or port is None:
+        raise _error(name, address, 'a "tls://host:port" or "tcp://host:port" address')
+    paths = [_str(settings, "SPEEDUP_DASK_TLS_CA_FILE", None),
+             _str(settings, "SPEEDUP_DASK_TLS_CERT_FILE", None),
+             _str(settings, "SPEEDUP_DASK_TLS_KEY_FILE", None)]
+    given = [path for path in paths if path is not None]
+    if parts.scheme == "tls":
+        if len(given) != 3:
+            raise SpeedupSettingsError(
+                f"{name} ({address!r}) is a TLS address: set SPEEDUP_DASK_TLS_CA_FILE,"
+                " SPEEDUP_DASK_TLS_CERT_FILE and SPEEDUP_DASK_TLS_KEY_FILE (the CA that"
+                " signed the scheduler's certificate, and this client's certificate and key)"
+            )
+        for what, path in zip(("CA", "CERT", "KEY"), given, strict=True):
+            if not os.path.isfile(path):
+                raise SpeedupSettingsError(f"SPEEDUP_DASK_TLS_{what}_FILE: no file at {path!r}")
+        tls: tuple[str, str, str] | None = (given[0], given[1], given[2])
+    else:
+        if given:
+            raise SpeedupSettingsError(
+                f"SPEEDUP_DASK_TLS_* files are set but {name} ({address!r}) is not a tls://"
+                " address: nothing would be encrypted"
+            )
+        tls = None
+        if not _is_loopback(host) and not _bool(
+                settings, "SPEEDUP_DASK_INSECURE_ALLOW_PLAIN_TCP", False):
+            raise SpeedupSettingsError(
+                f"{name} ({address!r}) sends pickles in clear to another machine, and a"
+                " Dask worker runs any pickle it is sent: use a tls:// address with"
+                " SPEEDUP_DASK_TLS_CA_FILE, _CERT_FILE and _KEY_FILE, or, on a network"
+                " you trust entirely, set SPEEDUP_DASK_INSECURE_ALLOW_PLAIN_TCP = True"
+            )
+    timeout = _float(settings, "SPEEDUP_DASK_CONNECT_TIMEOUT_SECONDS", 30.0)
+    assert timeout is not None
+    return DaskSettings(address, tls, timeout)
+
+
+def _executor(settings: BaseSettings) -> str:
+    name = "SPEEDUP_PROCESS_EXECUTOR"
+    value = _str(settings, name, "local")
+    assert value is not None
+    executor = value.strip().lower()
+    if executor not in _EXECUTORS:
+        raise _error(name, value, '"local" (the process pool of this machine) or "dask"')
+    if executor == "dask":
+        try:
+            import distributed  # noqa: F401 - only whether it is installed
+        except ImportError:
+            raise SpeedupSettingsError(
+                f'{name} is "dask" but Dask\'s distributed package is not installed:'
+                ' pip install "scrapy-speedup[dask]"'
+            ) from None
+    return executor
+
+
 #: The setting that scrapy-speedup sets in an engine process (its index). It
 #: is not a user setting: a crawl that sets it by hand would act as an engine.
 ENGINE_INDEX_SETTING = "_SPEEDUP_ENGINE_INDEX"
@@ -300,6 +403,9 @@ class SpeedupConfig:
     process_inline_below_ms: float
     process_max_message_mb: float
     process_pipelines: tuple[str, ...]
+    #: "local" (the process pool) or "dask" (see :attr:`dask`).
+    process_executor: str
+    dask: DaskSettings | None
     thread_enabled: bool
     thread_workers: int
     thread_timeout_seconds: float | None
@@ -365,6 +471,7 @@ class SpeedupConfig:
                 f"SPEEDUP_ADAPTIVE_MAX_CONCURRENCY ({adaptive_max}) must be at least"
                 f" SPEEDUP_ADAPTIVE_MIN_CONCURRENCY ({adaptive_min})"
             )
+        executor = _executor(settings)
         values: dict[str, Any] = {
             "enabled": _bool(settings, "SPEEDUP_ENABLED", True),
             "process_enabled": _bool(settings, "SPEEDUP_PROCESS_ENABLED", True),
@@ -386,6 +493,8 @@ class SpeedupConfig:
             "process_max_message_mb": _float(settings, "SPEEDUP_PROCESS_MAX_MESSAGE_MB", 512.0,
                                              minimum=1.0, maximum=2.0**20),
             "process_pipelines": _str_list(settings, "SPEEDUP_PROCESS_PIPELINES"),
+            "process_executor": executor,
+            "dask": _dask(settings, executor),
             "thread_enabled": _bool(settings, "SPEEDUP_THREAD_ENABLED", True),
             "thread_workers": thread_workers,
             "thread_timeout_seconds": _float(settings, "SPEEDUP_THREAD_TIMEOUT_SECONDS", None),

@@ -108,7 +108,12 @@ class SpeedupExtension:
     def pool(self) -> ProcessPool:
         """The crawl's process pool, created on first use (the reactor runs by then)."""
         if self._pool is None:
-            self._pool = ProcessPool(self.crawler, self.config, self.bridge)
+            if self.config.process_executor == "dask":
+                from scrapy_speedup.process.dask_pool import DaskPool
+
+                self._pool = DaskPool(self.crawler, self.config, self.bridge)
+            else:
+                self._pool = ProcessPool(self.crawler, self.config, self.bridge)
         return self._pool
 
     @property
@@ -169,6 +174,12 @@ class SpeedupExtension:
                 f"coordinator of {config.crawl_processes} engine processes (they run the"
                 " callbacks and ITEM_PIPELINES, and their own pools; a pool of this"
                 " process starts only if something here uses it)"
+            )
+        elif config.process_enabled and config.dask is not None:
+            pools = (
+                f"process pool on the Dask cluster at {config.dask.address},"
+                f" {config.process_max_in_flight} tasks in flight at most, pipelines on its"
+                f" workers: {list(config.process_pipelines) or 'none'}"
             )
         elif config.process_enabled:
             pools = (

@@ -166,3 +166,53 @@ def test_crawl_processes_and_pipelines() -> None:
     assert config(SPEEDUP_CRAWL_PIPELINES="a.B, c.D").crawl_pipelines == {"a.B": 0, "c.D": 1}
     assert config(SPEEDUP_CRAWL_PIPELINES='{"a.B": 300, "c.D": null}').crawl_pipelines == \
         {"a.B": 300}
+
+
+def test_dask_settings(tmp_path: Path) -> None:
+    assert config().process_executor == "local" and config().dask is None
+    local = config(SPEEDUP_PROCESS_EXECUTOR="dask",
+                   SPEEDUP_DASK_SCHEDULER_ADDRESS="tcp://127.0.0.1:8786")
+    assert local.process_executor == "dask"
+    assert local.dask is not None and local.dask.address == "tcp://127.0.0.1:8786"
+    assert local.dask.tls is None and local.dask.connect_timeout_seconds == 30
+    for address in ("tcp://localhost:8786", "tcp://[::1]:8786", "tcp://127.3.2.1:1"):
+        assert config(SPEEDUP_PROCESS_EXECUTOR="dask",
+                      SPEEDUP_DASK_SCHEDULER_ADDRESS=address).dask is not None
+    # Plain TCP to anything but this machine only when the user says so.
+    remote = {"SPEEDUP_PROCESS_EXECUTOR": "dask",
+              "SPEEDUP_DASK_SCHEDULER_ADDRESS": "tcp://dask.internal:8786"}
+    with pytest.raises(SpeedupSettingsError, match="sends pickles in clear"):
+        config(**remote)
+    assert config(**remote, SPEEDUP_DASK_INSECURE_ALLOW_PLAIN_TCP="True").dask is not None
+    files = []
+    for name in ("ca", "cert", "key"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text("x")
+        files.append(str(path))
+    tls = config(SPEEDUP_PROCESS_EXECUTOR="dask",
+                 SPEEDUP_DASK_SCHEDULER_ADDRESS="tls://dask.internal:8786",
+                 SPEEDUP_DASK_TLS_CA_FILE=files[0], SPEEDUP_DASK_TLS_CERT_FILE=files[1],
+                 SPEEDUP_DASK_TLS_KEY_FILE=files[2])
+    assert tls.dask is not None and tls.dask.tls == tuple(files)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"SPEEDUP_PROCESS_EXECUTOR": "ray"}, r'must be "local" .* or "dask"'),
+    ({"SPEEDUP_PROCESS_EXECUTOR": "dask"}, "set SPEEDUP_DASK_SCHEDULER_ADDRESS"),
+    ({"SPEEDUP_PROCESS_EXECUTOR": "dask", "SPEEDUP_DASK_SCHEDULER_ADDRESS": "127.0.0.1:8786"},
+     r'a "tls://host:port" or "tcp://host:port" address'),
+    ({"SPEEDUP_PROCESS_EXECUTOR": "dask", "SPEEDUP_DASK_SCHEDULER_ADDRESS": "tcp://h:port"},
+     r'a "tls://host:port"'),
+    ({"SPEEDUP_PROCESS_EXECUTOR": "dask", "SPEEDUP_DASK_SCHEDULER_ADDRESS": "tls://h:8786"},
+     "is a TLS address: set SPEEDUP_DASK_TLS_CA_FILE"),
+    ({"SPEEDUP_PROCESS_EXECUTOR": "dask", "SPEEDUP_DASK_SCHEDULER_ADDRESS": "tls://h:8786",
+      "SPEEDUP_DASK_TLS_CA_FILE": "/nonexistent/ca", "SPEEDUP_DASK_TLS_CERT_FILE": "/nonexistent/c",
+      "SPEEDUP_DASK_TLS_KEY_FILE": "/nonexistent/k"}, "SPEEDUP_DASK_TLS_CA_FILE: no file at"),
+    ({"SPEEDUP_PROCESS_EXECUTOR": "dask", "SPEEDUP_DASK_SCHEDULER_ADDRESS": "tcp://127.0.0.1:1",
+      "SPEEDUP_DASK_TLS_CA_FILE": "/etc/hostname"}, "nothing would be encrypted"),
+    ({"SPEEDUP_PROCESS_EXECUTOR": "dask", "SPEEDUP_DASK_SCHEDULER_ADDRESS": "tcp://10.0.0.5:1",
+      "SPEEDUP_DASK_INSECURE_ALLOW_PLAIN_TCP": "maybe"}, "must be True or False"),
+])
+def test_bad_dask_settings_are_named(values: dict[str, object], message: str) -> None:
+    with pytest.raises(SpeedupSettingsError, match=message):
+        SpeedupConfig.from_settings(Settings(values))
