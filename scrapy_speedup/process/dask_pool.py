@@ -82,7 +82,7 @@ class DaskPool(ProcessPool):
             progress=None,
             log_level=logging.getLogger().getEffectiveLevel(),
             max_message_bytes=self._max_message_bytes,
-            import_roots=_import_roots([self.crawler.spidercls.__module__]),
+            import_roots=_import_roots([self.crawler.spidercls.__module__], all_roots=True),
             pipelines=self._pipeline_spec(),
         )
         self._connecting = True

@@ -1007,12 +1007,14 @@ def _picklable(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return kept, left
 
 
-def _import_roots(module_names: list[str]) -> tuple[str, ...]:
+def _import_roots(module_names: list[str], *, all_roots: bool = False) -> tuple[str, ...]:
     """The folders a worker needs on its ``sys.path`` to import these modules
     that are not on the crawl's own ``sys.path`` (a worker starts with that):
     ``scrapy runspider file.py`` puts the file's folder there only while it
-    imports the file."""
-    on_path = {os.path.realpath(entry or os.curdir) for entry in sys.path}
+    imports the file. *all_roots*: those on it too, for a worker that does
+    not start with the crawl's ``sys.path`` (a Dask worker)."""
+    on_path = set() if all_roots else \
+        {os.path.realpath(entry or os.curdir) for entry in sys.path}
     roots: list[str] = []
     for name in module_names:
         file = getattr(sys.modules.get(name), "__file__", None)
