@@ -31,7 +31,7 @@ from bench_crawl_processes import table as print_table
 from sidebyside import ROOT, DemoSite, write_results
 
 sys.path.insert(0, str(ROOT))
-from tests.dask_cluster import DaskCluster, dask_cluster  # noqa: E402 - after the path
+from tests.dask_cluster import DaskCluster, dask_cluster
 
 
 def cluster_cpu_s(cluster: DaskCluster) -> float:
