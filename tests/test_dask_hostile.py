@@ -16,7 +16,9 @@ import pytest
 from tests.conftest import Crawl, DemoSite, assert_process_stats_add_up, run_crawl
 from tests.dask_cluster import DaskCluster, dask_cluster
 
-pytestmark = pytest.mark.subprocess
+# The machine is shared and slow (a crawl can take 40 s to start): generous
+# bounds; each test still ends in bounded time.
+pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(420)]
 
 PIPE = "testproj.pipelines.FaultPipeline"
 READY = r"process pool on the Dask cluster at"
@@ -47,16 +49,16 @@ def test_a_task_past_its_timeout_does_not_hang_the_crawl_at_close(
         result = run_crawl(tmp_path, settings={
             **own.settings, "SPEEDUP_PROCESS_PIPELINES": PIPE,
             "TEST_FAULTS": {"3": "sleep:600"},
-            "SPEEDUP_PROCESS_TIMEOUT_SECONDS": 2,
+            "SPEEDUP_PROCESS_TIMEOUT_SECONDS": 10,
             "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 3,
-        }, args={"site": demo_site.url, "count": 10}, timeout=75)
+        }, args={"site": demo_site.url, "count": 10}, timeout=240)
         took = time.monotonic() - began
     assert result.returncode == 0, result.log[-5000:]
     assert sorted(item["id"] for item in result.items) == [i for i in range(10) if i != 3]
     assert result.stat("speedup/process/timeout_count") == 1
     assert_process_stats_add_up(result)
-    # 2 s of timeout, 3 s to close the workers' pipelines, start-up: far below 60.
-    assert took < 60, (took, result.log[-3000:])
+    # Start-up, 10 s of timeout, 3 s to close the workers' pipelines.
+    assert took < 200, (took, result.log[-3000:])
 
 
 # -- Ctrl-C -------------------------------------------------------------------------
@@ -73,19 +75,19 @@ def test_ctrl_c_once_with_tasks_stuck_on_the_cluster_exits_in_bounded_time(
             "TEST_FAULTS": _sleeps(range(6), 600),
             "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 3,
         }, args={"site": demo_site.url, "count": 6})
-        crawl.wait_for_log(READY, timeout=60)
-        crawl.wait_for_log(r"Crawled \(200\)", timeout=30)
+        crawl.wait_for_log(READY, timeout=150)
+        crawl.wait_for_log(r"Crawled \(200\)", timeout=150)
         time.sleep(1)  # the tasks are out on the workers
         crawl.interrupt()
         began = time.monotonic()
-        result = crawl.result(timeout=60)
+        result = crawl.result(timeout=150)
         took = time.monotonic() - began
     assert result.returncode == 0, result.log[-5000:]
     assert result.stats.get("finish_reason") == "shutdown", result.log[-3000:]
     assert result.stat("speedup/process/abandoned_count") >= 1
     assert_process_stats_add_up(result)
-    # 3 s to give up, 3 s for the workers' close: well under 30 s.
-    assert took < 30, (took, result.log[-3000:])
+    # 3 s to give up, 3 s for the workers' close, and slack for a busy machine.
+    assert took < 60, (took, result.log[-3000:])
     assert not result.alive_descendants()
 
 
@@ -96,15 +98,15 @@ def test_ctrl_c_twice_with_tasks_on_the_cluster_exits_at_once(
         "TEST_FAULTS": _sleeps(range(6), 4),
         "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 20,
     }, args={"site": demo_site.url, "count": 6})
-    crawl.wait_for_log(READY, timeout=60)
-    crawl.wait_for_log(r"Crawled \(200\)", timeout=30)
+    crawl.wait_for_log(READY, timeout=150)
+    crawl.wait_for_log(r"Crawled \(200\)", timeout=150)
     time.sleep(1)
     crawl.interrupt()
     crawl.wait_for_log(r"the crawl is stopping", timeout=20)
     time.sleep(0.5)
     crawl.interrupt()
     began = time.monotonic()
-    result = crawl.result(timeout=60)
+    result = crawl.result(timeout=150)
     took = time.monotonic() - began
     assert result.returncode != -signal.SIGKILL, result.log[-3000:]
     assert took < 10, (took, result.log[-3000:])
@@ -123,10 +125,10 @@ def test_scheduler_killed_mid_crawl_ends_the_crawl_with_errors_counted(
             "TEST_FAULTS": _sleeps(range(20), 1),
             "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 5,
         }, args={"site": demo_site.url, "count": 20})
-        crawl.wait_for_log(READY, timeout=60)
-        crawl.wait_for_log(r"Scraped from", timeout=30)
+        crawl.wait_for_log(READY, timeout=150)
+        crawl.wait_for_log(r"Scraped from", timeout=90)
         os.killpg(own.processes[0].pid, signal.SIGKILL)  # the scheduler
-        result = crawl.result(timeout=90)
+        result = crawl.result(timeout=180)
     assert result.returncode == 0, result.log[-5000:]
     assert result.stats.get("finish_reason") == "finished"
     assert 0 < len(result.items) < 20
@@ -145,10 +147,10 @@ def test_all_workers_killed_ends_the_crawl_with_errors_counted(
             "SPEEDUP_PROCESS_TIMEOUT_SECONDS": 3,
             "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 3,
         }, args={"site": demo_site.url, "count": 10})
-        crawl.wait_for_log(READY, timeout=60)
-        crawl.wait_for_log(r"Scraped from", timeout=30)
+        crawl.wait_for_log(READY, timeout=150)
+        crawl.wait_for_log(r"Scraped from", timeout=90)
         os.killpg(own.processes[1].pid, signal.SIGKILL)  # workers and nannies
-        result = crawl.result(timeout=90)
+        result = crawl.result(timeout=180)
     assert result.returncode == 0, result.log[-5000:]
     assert len(result.items) < 10
     assert result.stat("speedup/process/error_count") + result.stat(
@@ -191,7 +193,7 @@ def test_run_in_process_from_engine_processes_on_the_cluster(
     result = run_crawl(tmp_path, settings={
         **cluster.settings, "SPEEDUP_CRAWL_PROCESSES": 2, "TEST_PIPELINE_ENABLED": False,
         "SPEEDUP_PROCESS_INLINE_BELOW_MS": 0,
-    }, args={"site": demo_site.url, "count": 20, "mode": "call"}, timeout=120)
+    }, args={"site": demo_site.url, "count": 20, "mode": "call"}, timeout=240)
     assert result.returncode == 0, result.log[-5000:]
     assert sorted(item["id"] for item in result.items) == list(range(20))
     pids = {item["pid"] for item in result.items}
@@ -206,7 +208,7 @@ def test_open_spider_failing_on_the_workers_stops_the_crawl_clearly(
         demo_site: DemoSite, cluster: DaskCluster, tmp_path: Path) -> None:
     result = run_crawl(tmp_path, settings={
         **cluster.settings, "SPEEDUP_PROCESS_PIPELINES": PIPE, "TEST_FAIL_OPEN": True,
-    }, args={"site": demo_site.url, "count": 10}, timeout=60)
+    }, args={"site": demo_site.url, "count": 10}, timeout=150)
     assert result.returncode != 0, result.log[-5000:]
     assert "SPEEDUP_PROCESS_PIPELINES failed to start on Dask worker" in result.log
     assert "open_spider failed on purpose" in result.log
@@ -222,7 +224,7 @@ def test_two_crawls_share_one_cluster(demo_site: DemoSite, cluster: DaskCluster,
             **cluster.settings, "SPEEDUP_PROCESS_PIPELINES": PIPE,
             "TEST_MARKER_DIR": tmp_path / name,
         }, args={"site": demo_site.url, "count": 15}))
-    results = [crawl.result(timeout=120) for crawl in crawls]
+    results = [crawl.result(timeout=240) for crawl in crawls]
     for name, result in zip(("a", "b"), results, strict=True):
         assert result.returncode == 0, result.log[-5000:]
         assert sorted(item["id"] for item in result.items) == list(range(15))
@@ -252,9 +254,52 @@ def test_odd_spellings_of_a_good_address(demo_site: DemoSite, cluster: DaskClust
         **cluster.settings, "SPEEDUP_DASK_SCHEDULER_ADDRESS": address,
         "SPEEDUP_DASK_CONNECT_TIMEOUT_SECONDS": 5,
         "SPEEDUP_PROCESS_PIPELINES": PIPE,
-    }, args={"site": demo_site.url, "count": 5}, timeout=60)
+    }, args={"site": demo_site.url, "count": 5}, timeout=150)
     if result.returncode != 0:
         assert "SPEEDUP_DASK_SCHEDULER_ADDRESS" in result.log
         assert "could not reach the Dask scheduler" not in result.log, result.log[-3000:]
     else:
         assert sorted(item["id"] for item in result.items) == list(range(5))
+
+
+# -- deadlines ------------------------------------------------------------------------
+
+
+def test_a_task_waiting_in_the_clusters_queue_is_not_timed_out(
+        demo_site: DemoSite, cluster: DaskCluster, tmp_path: Path) -> None:
+    """SPEEDUP_PROCESS_TIMEOUT_SECONDS bounds how long a task *runs* (the
+    local pool counts from the moment its worker starts it). Ten items of
+    1.5 s each on the two single-threaded workers: none runs past 8 s, but
+    the last ones wait about 6 s in the cluster's queue before they start."""
+    result = run_crawl(tmp_path, settings={
+        **cluster.settings, "SPEEDUP_PROCESS_PIPELINES": PIPE,
+        "TEST_FAULTS": _sleeps(range(10), 1.5),
+        "SPEEDUP_PROCESS_TIMEOUT_SECONDS": 8,
+        "SPEEDUP_PROCESS_MAX_IN_FLIGHT": 10,
+    }, args={"site": demo_site.url, "count": 10}, timeout=240)
+    assert result.returncode == 0, result.log[-5000:]
+    assert result.stat("speedup/process/timeout_count") == 0, result.log[-3000:]
+    assert sorted(item["id"] for item in result.items) == list(range(10))
+    assert_process_stats_add_up(result)
+
+
+def test_a_close_spider_that_never_ends_on_a_worker_is_bounded(
+        demo_site: DemoSite, tmp_path: Path) -> None:
+    """The workers' close_spider takes 120 s (a flush that hangs): as with
+    the local pool, the crawl gives it SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS (3 s)
+    and ends, instead of waiting for it."""
+    with dask_cluster(tmp_path / "cluster", workers=1) as own:
+        crawl = Crawl(tmp_path, settings={
+            **own.settings, "SPEEDUP_PROCESS_PIPELINES": PIPE,
+            "TEST_CLOSE_SLEEP_S": 120, "TEST_MARKER_DIR": tmp_path,
+            "SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS": 3,
+        }, args={"site": demo_site.url, "count": 5})
+        crawl.wait_for_log(r"Closing spider \(finished\)", timeout=200)
+        began = time.monotonic()
+        result = crawl.result(timeout=150)
+        took = time.monotonic() - began
+    assert result.returncode == 0, result.log[-5000:]
+    assert sorted(item["id"] for item in result.items) == list(range(5))
+    assert list(tmp_path.glob("closing-*")), "close_spider never began"
+    # 3 s for the close; well under the 120 s that close_spider takes.
+    assert took < 60, (took, result.log[-3000:])
