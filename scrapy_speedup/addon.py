@@ -125,9 +125,10 @@ class Addon:
             self._offload_pipelines(settings, config.process_pipelines)
             # The earliest hook there is: the fork server imports Scrapy while
             # Scrapy builds the crawler, so the first worker starts at once.
-            # Only when process work is certain: it costs ~0.4 s of CPU, which
-            # a crawl that never offloads should not pay.
-            warm_up_fork_server(config)
+            # Only when process work is certain, and local: it costs ~0.4 s
+            # of CPU, which a crawl that never offloads should not pay.
+            if config.process_executor == "local":
+                warm_up_fork_server(config)
 
     @staticmethod
     def _as_coordinator(settings: BaseSettings, config: SpeedupConfig) -> None:

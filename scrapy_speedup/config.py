@@ -271,6 +271,13 @@ def _dask(settings: BaseSettings, executor: str) -> DaskSettings | None:
         host = port = None
     if parts.scheme not in ("tcp", "tls") or not host or port is None:
         raise _error(name, address, 'a "tls://host:port" or "tcp://host:port" address')
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username \
+            or parts.password:
+        raise _error(name, address, 'a "tls://host:port" or "tcp://host:port" address, with'
+                     " nothing after the port and no user or password")
+    # As Dask spells it (a lowercase scheme, no trailing slash): Dask refuses
+    # other spellings that urlsplit takes.
+    address = f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
     paths = [_str(settings, "SPEEDUP_DASK_TLS_CA_FILE", None),
              _str(settings, "SPEEDUP_DASK_TLS_CERT_FILE", None),
              _str(settings, "SPEEDUP_DASK_TLS_KEY_FILE", None)]

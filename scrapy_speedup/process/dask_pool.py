@@ -27,9 +27,11 @@ The code the tasks run (the project's pipelines, the functions given to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scrapy_speedup.exceptions import (
@@ -39,7 +41,13 @@ from scrapy_speedup.exceptions import (
     WorkerInitError,
 )
 from scrapy_speedup.process import pickling, worker
-from scrapy_speedup.process.pool import _STAT, ProcessPool, _import_roots, _Task
+from scrapy_speedup.process.pool import (
+    _STAT,
+    ProcessPool,
+    _import_roots,
+    _live_pools,
+    _Task,
+)
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -50,6 +58,21 @@ if TYPE_CHECKING:
 __all__ = ["DaskPool"]
 
 logger = logging.getLogger(__name__)
+
+# How often the pool looks whether the client lost the scheduler for good.
+_WATCH_S = 1.0
+
+
+@dataclass(eq=False)
+class _Out:
+    """A task sent to the cluster."""
+
+    future: Any
+    key: str
+    #: When its worker began it (an event from the worker); None while it
+    #: waits in the cluster's queue, which SPEEDUP_PROCESS_TIMEOUT_SECONDS
+    #: does not count.
+    began: float | None = None
 
 
 class DaskPool(ProcessPool):
@@ -64,7 +87,10 @@ class DaskPool(ProcessPool):
         self._connecting = False
         # Unique per crawl: crawls that share a cluster keep their pipelines apart.
         self._name = f"scrapy-speedup-{uuid.uuid4().hex}"
-        self._out: dict[_Task, tuple[Any, float]] = {}
+        self._out: dict[_Task, _Out] = {}
+        self._by_key: dict[str, _Task] = {}
+        self._counting_workers = False
+        self._workerless_since: float | None = None
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -78,6 +104,7 @@ class DaskPool(ProcessPool):
 
             raise PoolClosedError("the process pool of this crawl is already closed")
         self._started = True
+        _live_pools.add(self)  # a forced stop counts what it abandons
         spec = worker.WorkerSpec(
             progress=None,
             log_level=logging.getLogger().getEffectiveLevel(),
@@ -92,7 +119,7 @@ class DaskPool(ProcessPool):
         if self.config.process_timeout_seconds is not None:
             self._schedule_timeout_check()
 
-    def _connect(self, spec: worker.WorkerSpec) -> tuple[Any, dict[str, str]]:
+    def _connect(self, spec: worker.WorkerSpec) -> tuple[Any, int, dict[str, str]]:
         """On a thread: the client, and the workers whose pipelines failed."""
         from distributed import Client
         from distributed.security import Security
@@ -119,15 +146,18 @@ class DaskPool(ProcessPool):
         try:
             client.register_plugin(dask_worker.CrawlPlugin(self._name, spec), name=self._name)
             errors = client.run(dask_worker.init_error, self._name)
+            # Each task says when it starts: timeouts count from then.
+            client.subscribe_topic(self._name, self._on_event_thread)
+            workers = len(client.scheduler_info().get("workers", {}))
         except Exception as exc:
             client.close()
             raise WorkerInitError(
                 f"could not set the crawl up on the Dask cluster at {self.dask.address}:"
                 f" {type(exc).__name__}: {exc}"
             ) from exc
-        return client, {address: error for address, error in errors.items() if error}
+        return client, workers, {address: error for address, error in errors.items() if error}
 
-    def _on_connected(self, result: tuple[Any, dict[str, str]] | None,
+    def _on_connected(self, result: tuple[Any, int, dict[str, str]] | None,
                       error: BaseException | None) -> None:
         self._connecting = False
         if error is not None:
@@ -135,7 +165,7 @@ class DaskPool(ProcessPool):
                 f"the Dask cluster at {self.dask.address}: {type(error).__name__}: {error}"))
             return
         assert result is not None
-        client, failed = result
+        client, workers, failed = result
         if self._closed or self._abandoned:
             self.bridge.call_in_new_thread(client.close, "scrapy-speedup-dask-close",
                                            _ignore)
@@ -148,14 +178,38 @@ class DaskPool(ProcessPool):
                 f" ({len(failed)} of the cluster's workers):\n{trace}"
             ))
             return
-        workers = len(client.scheduler_info().get("workers", {}))
         self.stats.set_value(_STAT + "workers", workers)
         logger.info("scrapy-speedup: process pool on the Dask cluster at %s (%d workers now)",
                     self.dask.address, workers, extra={"crawler": self.crawler})
         for waiter in self._ready_waiters:
             self.bridge.resolve(waiter, None)
         self._ready_waiters.clear()
+        self._watch_client()
         self._pump()
+
+    def _watch_client(self) -> None:
+        """Fail everything once the client has given up on the scheduler
+        (Dask closes it after distributed.comm.timeouts.connect of trying
+        to reconnect): a task sent just before may never hear back."""
+        client = self._client
+        if client is None or self._closed:
+            return
+        if client.status not in ("closing", "closed"):
+            self.bridge.call_later(_WATCH_S, self._watch_client)
+            if self._out and not self._counting_workers:
+                # Tasks wait: has the cluster any worker left to run them?
+                self._counting_workers = True
+                self.bridge.call_in_new_thread(
+                    lambda: len(client.scheduler_info().get("workers", {})),
+                    "scrapy-speedup-dask-workers", self._counted_workers)
+            return
+        lost = OffloadError(f"lost the Dask scheduler at {self.dask.address}"
+                            " (SPEEDUP_DASK_SCHEDULER_ADDRESS): the client gave up"
+                            " reconnecting")
+        logger.error("scrapy-speedup: %s; %d tasks out and %d queued fail", lost,
+                     len(self._out), len(self._queue), extra={"crawler": self.crawler})
+        self._client = None
+        self._fail_everything(lost)
 
     async def wait_ready(self) -> None:
         self.start()
@@ -182,18 +236,32 @@ class DaskPool(ProcessPool):
             timer = self.bridge.call_later(timeout, self.abandon, "close")
             await self._drained
             timer.cancel()
+        _live_pools.discard(self)
         client = self._client
         if client is None:
             return
         self._client = None
-        try:
-            ops = await self.bridge.run_in_new_thread(
-                lambda: _close_cluster_side(client, self._name, reason, timeout),
-                "scrapy-speedup-dask-close",
-            )
-        except Exception as exc:  # noqa: BLE001 - the crawl closes anyway
+        # Bounded, as the local pool's close is: a task Dask cannot stop, or
+        # a close_spider that hangs, must not hold the crawl's end.
+        outcome = self.bridge.new_waiter()
+
+        def closed(ops: Any, error: BaseException | None) -> None:
+            if self.bridge.is_pending(outcome):
+                self.bridge.resolve(outcome, (ops, error))
+
+        self.bridge.call_in_new_thread(
+            lambda: _close_cluster_side(client, self._name, reason, timeout),
+            "scrapy-speedup-dask-close", closed,
+        )
+        timer = self.bridge.call_later(timeout + 2, closed, None, TimeoutError(
+            f"the Dask workers had not closed the pipelines {timeout} s after they were asked"
+            " (SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS): a close_spider still running, or a task"
+            " that Dask cannot stop"))
+        ops, error = await outcome
+        timer.cancel()
+        if error is not None:
             logger.warning("scrapy-speedup: could not close the pipelines on the Dask"
-                           " workers: %s: %s", type(exc).__name__, exc,
+                           " workers: %s: %s", type(error).__name__, error,
                            extra={"crawler": self.crawler})
             return
         self.apply_stats(ops)
@@ -201,7 +269,7 @@ class DaskPool(ProcessPool):
     def abandon(self, why: str) -> None:
         if self._abandoned:
             return
-        futures = [future for future, _ in self._out.values()]
+        futures = [out.future for out in self._out.values()]
         super().abandon(why)  # settles the queue; _kill_all settles what is out
         if futures and self._client is not None:
             client = self._client
@@ -237,16 +305,68 @@ class DaskPool(ProcessPool):
                     self._settle(task, "error", exc)
                     continue
                 task.request, task.parts = None, []  # type: ignore[assignment]
-            future = client.submit(dask_worker.run, self._name, task.body, pure=False,
-                                   key=f"{task.name}-{uuid.uuid4().hex}")
+            key = f"{task.name}-{uuid.uuid4().hex}"
+            try:
+                future = client.submit(dask_worker.run, self._name, task.body, pure=False,
+                                       key=key)
+            except Exception as exc:  # noqa: BLE001 - a closed client, a lost scheduler
+                lost = OffloadError(
+                    f"lost the Dask scheduler at {self.dask.address}"
+                    f" (SPEEDUP_DASK_SCHEDULER_ADDRESS): {type(exc).__name__}: {exc}")
+                self._settle(task, "error", lost)
+                self._set_fatal(lost)
+                return
             self._in_flight += 1
-            self._out[task] = (future, time.monotonic())
+            self._out[task] = _Out(future, key)
+            self._by_key[key] = task
             self.stats.max_value(_STAT + "in_flight_max", self._in_flight)
             self.stats.max_value(
                 _STAT + "queue_wait_seconds_max", round(time.monotonic() - task.queued_at, 3)
             )
             future.add_done_callback(lambda done, task=task: self._on_done_thread(task, done))
         self._release_backpressure()
+
+    def _counted_workers(self, workers: int | None, error: BaseException | None) -> None:
+        self._counting_workers = False
+        if error is not None or workers is None or self._fatal is not None:
+            return
+        now = time.monotonic()
+        if workers:
+            self._workerless_since = None
+            return
+        if self._workerless_since is None:
+            self._workerless_since = now
+            logger.warning("scrapy-speedup: the Dask cluster at %s has no worker; %d tasks"
+                           " wait for one (at most SPEEDUP_DASK_CONNECT_TIMEOUT_SECONDS)",
+                           self.dask.address, len(self._out), extra={"crawler": self.crawler})
+        elif now - self._workerless_since > self.dask.connect_timeout_seconds:
+            gone = OffloadError(
+                f"the Dask cluster at {self.dask.address} has had no worker for"
+                f" {now - self._workerless_since:.0f} s (SPEEDUP_DASK_CONNECT_TIMEOUT_SECONDS)")
+            logger.error("scrapy-speedup: %s; its %d tasks fail, and the pool with them", gone,
+                         len(self._out), extra={"crawler": self.crawler})
+            self._fail_everything(gone)
+
+    def _fail_everything(self, error: OffloadError) -> None:
+        futures = [out.future for out in self._out.values()]
+        for task in list(self._out):
+            self._forget(task)
+            self._settle(task, "error", error)
+        self._set_fatal(error)
+        client = self._client
+        if futures and client is not None:
+            self.bridge.call_in_new_thread(lambda: client.cancel(futures),
+                                           "scrapy-speedup-dask-cancel", _ignore)
+        self._check_drained()
+
+    def _on_event_thread(self, event: tuple[float, Any]) -> None:
+        """On the client's thread: a task of this crawl began on a worker."""
+        self.bridge.call_from_thread(self._began, str(event[1]))
+
+    def _began(self, key: str) -> None:
+        task = self._by_key.get(key)
+        if task is not None and task in self._out:
+            self._out[task].began = time.monotonic()
 
     def _on_done_thread(self, task: _Task, future: Any) -> None:
         """On the client's callback thread: fetch the outcome there (a local
@@ -255,13 +375,13 @@ class DaskPool(ProcessPool):
             body, error = future.result(), None
         except BaseException as exc:  # noqa: BLE001 - settled on the reactor thread
             body, error = None, exc
-        future.release()
+        with contextlib.suppress(Exception):  # a client closed meanwhile
+            future.release()
         self.bridge.call_from_thread(self._on_done, task, body, error)
 
     def _on_done(self, task: _Task, body: bytes | None, error: BaseException | None) -> None:
-        if self._out.pop(task, None) is None:
+        if not self._forget(task):
             return  # settled already (a timeout, abandoned)
-        self._in_flight -= 1
         if error is None and body is not None:
             self._on_result(task, body)
         else:
@@ -285,9 +405,14 @@ class DaskPool(ProcessPool):
         failed.__cause__ = error
         return failed
 
-    def _forget(self, task: _Task) -> None:
-        if self._out.pop(task, None) is not None:
-            self._in_flight -= 1
+    def _forget(self, task: _Task) -> bool:
+        """Take *task* off the tasks out; whether it was there."""
+        out = self._out.pop(task, None)
+        if out is None:
+            return False
+        self._by_key.pop(out.key, None)
+        self._in_flight -= 1
+        return True
 
     # -- timeouts -----------------------------------------------------------------
 
@@ -303,9 +428,9 @@ class DaskPool(ProcessPool):
         timeout = self.config.process_timeout_seconds
         assert timeout is not None
         now = time.monotonic()
-        late = [(task, future) for task, (future, sent) in self._out.items()
-                if now - sent > timeout]
-        for task, future in late:
+        late = [(task, out.future) for task, out in self._out.items()
+                if out.began is not None and now - out.began > timeout]
+        for task, _ in late:
             logger.error("%s ran past SPEEDUP_PROCESS_TIMEOUT_SECONDS (%s s) on the Dask"
                          " cluster; it is cancelled", task.name, timeout,
                          extra={"crawler": self.crawler})
@@ -315,7 +440,11 @@ class DaskPool(ProcessPool):
                 f"{task.name} ran past SPEEDUP_PROCESS_TIMEOUT_SECONDS"
                 f" ({timeout} s) on the Dask cluster; it was cancelled"
             ))
-            future.cancel()
+        if late and self._client is not None:
+            client, futures = self._client, [future for _, future in late]
+            # Cancelling waits on the client's loop: not on the reactor thread.
+            self.bridge.call_in_new_thread(lambda: client.cancel(futures),
+                                           "scrapy-speedup-dask-cancel", _ignore)
         if late:
             self._pump()
             self._check_drained()
@@ -328,7 +457,7 @@ def _close_cluster_side(client: Any, name: str, reason: str,
     from scrapy_speedup.process import dask_worker
 
     try:
-        by_worker = client.run(dask_worker.close, name, reason, wait=True)
+        by_worker = client.run(dask_worker.close, name, reason, timeout, wait=True)
         ops = [op for worker_ops in by_worker.values() for op in worker_ops]
         client.unregister_worker_plugin(name)
         return ops

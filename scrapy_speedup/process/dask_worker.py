@@ -12,10 +12,14 @@ A worker runs the crawl's tasks one at a time (a lock): pipelines, and the
 asyncio loop their coroutines run on, are not built for threads, and the
 local pool gives each of its workers one task at a time too. Dask workers
 started with several threads still run other clients' tasks alongside.
+Pipelines are opened, run and closed on the worker's threads, one at a time
+but not always the same thread: an object bound to the thread that made it
+(an ``sqlite3`` connection) needs ``check_same_thread=False``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pickle
@@ -35,6 +39,10 @@ if TYPE_CHECKING:
     from scrapy_speedup.process.protocol import StatsOp
 
 __all__ = ["CrawlPlugin", "close", "init_error", "run"]
+
+# How long a worker that shuts down waits for a task of the crawl still
+# running before it leaves the pipelines unclosed.
+_TEARDOWN_WAIT_S = 10.0
 
 
 class _StatsCollector:
@@ -61,9 +69,14 @@ class CrawlPlugin(WorkerPlugin):
         self.error: str | None = None
         self.closed = False
 
-    def setup(self, worker: Worker) -> None:
+    async def setup(self, worker: Worker) -> None:
         # Made here: the plugin is pickled to reach the worker, a lock is not.
         self.lock = threading.Lock()
+        # Off the worker's event loop: opening pipelines may take a while
+        # (a model to load), and the loop must keep answering the scheduler.
+        await asyncio.to_thread(self._open)
+
+    def _open(self) -> None:
         # A cluster on this machine can import the project from where the
         # crawl does; a remote one must have it installed.
         roots = [r for r in self.spec.import_roots if os.path.isdir(r) and r not in sys.path]
@@ -73,28 +86,37 @@ class CrawlPlugin(WorkerPlugin):
         if self.spec.pipelines is not None:
             try:
                 local._open_pipelines(state, pickle.loads(self.spec.pipelines))
-            except Exception:
+            except Exception:  # reported to the crawl by init_error()
                 self.error = traceback.format_exc()
                 logging.getLogger(__name__).exception(
                     "scrapy-speedup: the crawl's pipelines could not start on this worker")
         self.state = state
 
-    def teardown(self, worker: Worker) -> None:
+    async def teardown(self, worker: Worker) -> None:
         # The crawl closes its pipelines with close() and its reason first; a
         # worker that shuts down before closes them with this one.
-        self.close("dask_worker_shutdown")
+        await asyncio.to_thread(self.close, "dask_worker_shutdown", _TEARDOWN_WAIT_S)
 
-    def close(self, reason: str) -> list[StatsOp]:
-        """Close the pipelines (once); the stats changes their close made."""
+    def close(self, reason: str, wait_s: float) -> list[StatsOp]:
+        """Close the pipelines (once); the stats changes their close made.
+        A task still running holds the pipelines: past *wait_s* they are left
+        open (a task Dask cannot stop), with a warning."""
         if self.state is None:
             return []
-        with self.lock:
+        if not self.lock.acquire(timeout=wait_s):
+            logging.getLogger(__name__).warning(
+                "scrapy-speedup: a task of the crawl still runs on this worker after %s s;"
+                " its pipelines are not closed", wait_s)
+            return []
+        try:
             if self.closed:
                 return []
             self.closed = True
             local._close_pipelines(self.state, reason)
             collector = cast("_StatsCollector", self.state.channel)
             return collector.ops
+        finally:
+            self.lock.release()
 
 
 def _plugin(name: str, worker: Worker | None = None) -> CrawlPlugin:
@@ -111,17 +133,25 @@ def init_error(name: str, dask_worker: Worker) -> str | None:
 
 
 def run(name: str, body: bytes) -> bytes:
-    """Run one task of the crawl *name*; its pickled Outcome."""
+    """Run one task of the crawl *name*; its pickled Outcome. Says when it
+    starts (an event of the topic *name*): the crawl's
+    SPEEDUP_PROCESS_TIMEOUT_SECONDS counts from then, not from the time it
+    waited in the cluster's queue."""
     plugin = _plugin(name)
+    worker = get_worker()
     with plugin.lock:
         if plugin.error is not None or plugin.state is None:
             raise RuntimeError(f"the crawl's pipelines did not start on this worker:\n"
                                f"{plugin.error}")
+        worker.log_event(name, str(worker.get_current_task()))
         return local.run_task(plugin.state, body)
 
 
-def close(name: str, reason: str, dask_worker: Worker) -> list[StatsOp]:
+async def close(name: str, reason: str, wait_s: float, dask_worker: Worker) -> list[StatsOp]:
     """Close the crawl's pipelines on this worker (run by ``Client.run``,
-    which passes *dask_worker*); the stats changes their close made."""
+    which passes *dask_worker*); the stats changes their close made. A
+    coroutine, so that the worker's event loop goes on meanwhile."""
     plugin = dask_worker.plugins.get(name)
-    return plugin.close(reason) if isinstance(plugin, CrawlPlugin) else []
+    if not isinstance(plugin, CrawlPlugin):
+        return []
+    return await asyncio.to_thread(plugin.close, reason, wait_s)
