@@ -107,6 +107,8 @@ class Addon:
             return
         if config.engine_index is not None:
             self._as_engine(settings, config, config.engine_index)
+        if config.frontier is not None:
+            self._on_redis(settings, config)
         if config.adaptive_enabled:
             from scrapy_speedup.adaptive import AdaptiveConcurrencyMiddleware
 
@@ -129,6 +131,37 @@ class Addon:
             # of CPU, which a crawl that never offloads should not pay.
             if config.process_executor == "local":
                 warm_up_fork_server(config)
+
+    @staticmethod
+    def _on_redis(settings: BaseSettings, config: SpeedupConfig) -> None:
+        """The crawl's frontier is in Redis (SPEEDUP_FRONTIER_URL): the
+        scheduler leases from it, and a download that fails releases its
+        site's place there as one that succeeds does."""
+        from scrapy_speedup.crawl.lease_scheduler import ReleaseMiddleware
+        from scrapy_speedup.redis_frontier.scheduler import RedisScheduler
+
+        if config.crawl_processes > 1:
+            raise SpeedupSettingsError(
+                "SPEEDUP_FRONTIER_URL with SPEEDUP_CRAWL_PROCESSES above 1 is not supported"
+                " yet: start one `scrapy crawl` per core instead (each joins the crawl)"
+            )
+        if settings.get("JOBDIR"):
+            raise SpeedupSettingsError(
+                "JOBDIR and SPEEDUP_FRONTIER_URL: the frontier is in Redis, which keeps it"
+                " between runs; leave JOBDIR unset"
+            )
+        scheduler = settings.get("SCHEDULER")
+        default = "scrapy.core.scheduler.Scheduler"
+        if scheduler not in (None, default) and load_object(scheduler) is not \
+                load_object(default):
+            raise SpeedupSettingsError(
+                f"SPEEDUP_FRONTIER_URL replaces the scheduler, and SCHEDULER is {scheduler!r}:"
+                " leave SCHEDULER to Scrapy's default"
+            )
+        settings.set("SCHEDULER", RedisScheduler, priority="addon")
+        settings.set_in_component_priority_dict(
+            "DOWNLOADER_MIDDLEWARES", ReleaseMiddleware, 1000
+        )
 
     @staticmethod
     def _as_coordinator(settings: BaseSettings, config: SpeedupConfig) -> None:

@@ -331,6 +331,34 @@ def _executor(settings: BaseSettings) -> str:
     return executor
 
 
+@dataclass(frozen=True)
+class FrontierSettings:
+    """The crawl's frontier on Redis."""
+
+    url: str
+    #: Prefix of the crawl's keys; None: the spider's name.
+    name: str | None
+    visibility_timeout_seconds: float
+
+
+def _frontier(settings: BaseSettings) -> FrontierSettings | None:
+    name = "SPEEDUP_FRONTIER_URL"
+    url = _str(settings, name, None)
+    if url is None:
+        return None
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise _error(name, url, 'a Redis URL: "redis://host:6379/0", or "rediss://" for TLS')
+    visibility = _float(settings, "SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS", 60.0,
+                        minimum=1.0)
+    assert visibility is not None
+    prefix = _str(settings, "SPEEDUP_FRONTIER_NAME", None)
+    if prefix is not None and (not prefix.strip() or any(c.isspace() for c in prefix)):
+        raise _error("SPEEDUP_FRONTIER_NAME", prefix, "a name without spaces")
+    return FrontierSettings(url, prefix, visibility)
+
+
 #: The setting that scrapy-speedup sets in an engine process (its index). It
 #: is not a user setting: a crawl that sets it by hand would act as an engine.
 ENGINE_INDEX_SETTING = "_SPEEDUP_ENGINE_INDEX"
@@ -413,6 +441,8 @@ class SpeedupConfig:
     #: "local" (the process pool) or "dask" (see :attr:`dask`).
     process_executor: str
     dask: DaskSettings | None
+    #: The crawl's frontier on Redis (SPEEDUP_FRONTIER_URL), or None.
+    frontier: FrontierSettings | None
     thread_enabled: bool
     thread_workers: int
     thread_timeout_seconds: float | None
@@ -502,6 +532,7 @@ class SpeedupConfig:
             "process_pipelines": _str_list(settings, "SPEEDUP_PROCESS_PIPELINES"),
             "process_executor": executor,
             "dask": _dask(settings, executor),
+            "frontier": _frontier(settings),
             "thread_enabled": _bool(settings, "SPEEDUP_THREAD_ENABLED", True),
             "thread_workers": thread_workers,
             "thread_timeout_seconds": _float(settings, "SPEEDUP_THREAD_TIMEOUT_SECONDS", None),

@@ -354,6 +354,7 @@ class ReleaseMiddleware:
         return cls(crawler)
 
     def process_exception(self, request: Request, exception: BaseException) -> None:
-        scheduler = self.crawler.engine.scheduler
-        if isinstance(scheduler, LeaseScheduler):
-            scheduler.download_failed(request, exception)
+        # A lease scheduler: of an engine process, or of the Redis frontier.
+        failed = getattr(self.crawler.engine.scheduler, "download_failed", None)
+        if failed is not None:
+            failed(request, exception)

@@ -1,0 +1,305 @@
+"""The crawl's frontier in Redis: requests as the bytes engines send, with
+their fingerprint, priority and download slot beside them, leased in batches
+under the crawl's per-site limits, acknowledged when handled, and given back
+when a lease outlives its visibility timeout.
+
+Every operation is one Lua script (atomic in Redis, one round trip for a
+batch), so any number of machines share the frontier without locks.
+
+Keys, under the crawl's prefix ``P`` (``<spider>`` by default):
+
+=====================  ======  ==================================================
+``P:dupefilter``       set     fingerprints seen (scrapy-redis's key and format:
+                               hex); exact deduplication across machines
+``P:seq``              string  a counter: request ids, FIFO order within a priority
+``P:blob``             hash    request id -> the serialized request
+``P:meta``             hash    request id -> "slot|priority"
+``P:q:<slot>``         zset    a slot's queued request ids, by score: priority
+                               first (higher first), then arrival
+``P:slot``             hash    slot -> "concurrency|delay" (the crawl's limits)
+``P:inflight``         hash    slot -> requests leased and not yet released
+``P:lastseen``         hash    slot -> when its last request was leased
+``P:ready``            zset    slots that may lease now, by their head's score
+``P:waiting``          zset    slots waiting for their delay, by when it ends
+``P:leases``           zset    leased request ids, by the lease's deadline
+``P:leased``           hash    request id -> "machine|released" (0 or 1)
+``P:queued``           string  requests queued in all slots
+=====================  ======  ==================================================
+
+A slot is in ``P:ready`` exactly when it has a queued request, fewer than its
+concurrency in flight, and no delay to wait: a lease takes the best head of
+the ready slots, as Scrapy's downloader-aware queue serves the slots that have
+room. A request's download ending (``release``) frees its place at once; its
+acknowledgement (``ack``, the response handled, its requests and items sent)
+ends the lease. A lease past its deadline (its machine died, or hung) is put
+back in its queue by ``reap``, past the dupefilter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["Entry", "FrontierStore", "Leased"]
+
+# Scores order a slot's queue: priority first, then arrival. A double holds
+# integers exactly up to 2**53: 2**40 arrivals (a trillion requests) under
+# each of +-2**12 priorities.
+_PRIORITY_SCALE = 2**40
+_PRIORITY_BOUND = 2**12 - 1
+
+# Shared by the scripts: make a slot ready, waiting or neither, from its state.
+_SETTLE_SLOT = """
+local function settle(P, slot, now)
+  local head = redis.call('ZRANGE', P .. ':q:' .. slot, 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('ZREM', P .. ':ready', slot)
+    redis.call('ZREM', P .. ':waiting', slot)
+    return
+  end
+  local info = redis.call('HGET', P .. ':slot', slot)
+  local sep = string.find(info, '|', 1, true)
+  local concurrency = tonumber(string.sub(info, 1, sep - 1))
+  local delay = tonumber(string.sub(info, sep + 1))
+  local inflight = tonumber(redis.call('HGET', P .. ':inflight', slot) or '0')
+  if inflight >= concurrency then
+    redis.call('ZREM', P .. ':ready', slot)
+    redis.call('ZREM', P .. ':waiting', slot)
+    return
+  end
+  local lastseen = redis.call('HGET', P .. ':lastseen', slot)
+  if delay > 0 and lastseen and tonumber(lastseen) + delay > now then
+    redis.call('ZREM', P .. ':ready', slot)
+    redis.call('ZADD', P .. ':waiting', tonumber(lastseen) + delay, slot)
+    return
+  end
+  redis.call('ZREM', P .. ':waiting', slot)
+  redis.call('ZADD', P .. ':ready', head[2], slot)
+end
+"""
+
+# KEYS: none (one prefix; a cluster would need hash tags). ARGV: P, now,
+# then per request: fingerprint ('' = dont_filter), slot, concurrency,
+# delay, priority, blob. Returns how many were queued (the rest were seen).
+_PUSH = _SETTLE_SLOT + """
+local P, now = ARGV[1], tonumber(ARGV[2])
+local added = 0
+local touched = {}
+for i = 3, #ARGV, 6 do
+  local fp, slot = ARGV[i], ARGV[i + 1]
+  if fp == '' or redis.call('SADD', P .. ':dupefilter', fp) == 1 then
+    local id = redis.call('INCR', P .. ':seq')
+    local score = -tonumber(ARGV[i + 4]) * %(scale)d + id
+    redis.call('HSET', P .. ':slot', slot, ARGV[i + 2] .. '|' .. ARGV[i + 3])
+    redis.call('HSET', P .. ':blob', id, ARGV[i + 5])
+    redis.call('HSET', P .. ':meta', id, slot .. '|' .. ARGV[i + 4])
+    redis.call('ZADD', P .. ':q:' .. slot, score, id)
+    added = added + 1
+    touched[slot] = true
+  end
+end
+if added > 0 then
+  redis.call('INCRBY', P .. ':queued', added)
+  for slot in pairs(touched) do
+    if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
+  end
+end
+return added
+""" % {"scale": _PRIORITY_SCALE}
+
+# ARGV: P, now, machine, count, visibility (seconds). Returns a flat list:
+# id, blob, id, blob...
+_LEASE = _SETTLE_SLOT + """
+local P, now, machine = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local count, visibility = tonumber(ARGV[4]), tonumber(ARGV[5])
+for _, slot in ipairs(redis.call('ZRANGEBYSCORE', P .. ':waiting', '-inf', now)) do
+  settle(P, slot, now)
+end
+local out = {}
+while #out < 2 * count do
+  local best = redis.call('ZRANGE', P .. ':ready', 0, 0)
+  if #best == 0 then break end
+  local slot = best[1]
+  local popped = redis.call('ZPOPMIN', P .. ':q:' .. slot)
+  if #popped == 0 then
+    redis.call('ZREM', P .. ':ready', slot)
+  else
+    local id = popped[1]
+    redis.call('HINCRBY', P .. ':inflight', slot, 1)
+    redis.call('HSET', P .. ':lastseen', slot, now)
+    redis.call('ZADD', P .. ':leases', now + visibility, id)
+    redis.call('HSET', P .. ':leased', id, machine .. '|0')
+    redis.call('DECR', P .. ':queued')
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', P .. ':blob', id)
+    settle(P, slot, now)
+  end
+end
+return out
+"""
+
+# The download of each id ended: its place in the slot is free. ARGV: P, now, ids...
+_RELEASE = _SETTLE_SLOT + """
+local P, now = ARGV[1], tonumber(ARGV[2])
+local freed = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local leased = redis.call('HGET', P .. ':leased', id)
+  if leased and string.sub(leased, -1) == '0' then
+    redis.call('HSET', P .. ':leased', id, string.sub(leased, 1, -2) .. '1')
+    local meta = redis.call('HGET', P .. ':meta', id)
+    local slot = string.sub(meta, 1, string.find(meta, '|', 1, true) - 1)
+    redis.call('HINCRBY', P .. ':inflight', slot, -1)
+    if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
+    freed = freed + 1
+  end
+end
+return freed
+"""
+
+# Each id was handled: its lease ends (released first if it was not).
+# ARGV: P, now, ids...
+_ACK = _SETTLE_SLOT + """
+local P, now = ARGV[1], tonumber(ARGV[2])
+local done = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local leased = redis.call('HGET', P .. ':leased', id)
+  if leased then
+    local meta = redis.call('HGET', P .. ':meta', id)
+    local slot = string.sub(meta, 1, string.find(meta, '|', 1, true) - 1)
+    if string.sub(leased, -1) == '0' then
+      redis.call('HINCRBY', P .. ':inflight', slot, -1)
+      if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
+    end
+    redis.call('HDEL', P .. ':leased', id)
+    redis.call('ZREM', P .. ':leases', id)
+    redis.call('HDEL', P .. ':blob', id)
+    redis.call('HDEL', P .. ':meta', id)
+    done = done + 1
+  end
+end
+return done
+"""
+
+# Leases past their deadline go back to their queue, at their old place.
+# ARGV: P, now, limit. Returns the ids put back.
+_REAP = _SETTLE_SLOT + """
+local P, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local late = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(late) do
+  local leased = redis.call('HGET', P .. ':leased', id)
+  local meta = redis.call('HGET', P .. ':meta', id)
+  local sep = string.find(meta, '|', 1, true)
+  local slot = string.sub(meta, 1, sep - 1)
+  local score = -tonumber(string.sub(meta, sep + 1)) * %(scale)d + tonumber(id)
+  if leased and string.sub(leased, -1) == '0' then
+    redis.call('HINCRBY', P .. ':inflight', slot, -1)
+  end
+  redis.call('HDEL', P .. ':leased', id)
+  redis.call('ZREM', P .. ':leases', id)
+  redis.call('ZADD', P .. ':q:' .. slot, score, id)
+  redis.call('INCR', P .. ':queued')
+  if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
+end
+return late
+""" % {"scale": _PRIORITY_SCALE}
+
+# Extend the deadline of leases still being worked on. ARGV: P, deadline, ids...
+_RENEW = """
+local P, deadline = ARGV[1], tonumber(ARGV[2])
+local renewed = 0
+for i = 3, #ARGV do
+  if redis.call('ZADD', P .. ':leases', 'XX', 'CH', deadline, ARGV[i]) == 1 then
+    renewed = renewed + 1
+  elseif redis.call('ZSCORE', P .. ':leases', ARGV[i]) then
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A request on its way into the frontier."""
+
+    #: The request's fingerprint, or None for ``dont_filter``.
+    fingerprint: bytes | None
+    slot: str
+    #: The slot's limits, as the machine that made the request sees them
+    #: (every machine runs the same settings).
+    concurrency: int
+    delay_s: float
+    priority: int
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class Leased:
+    id: bytes
+    blob: bytes
+
+
+class FrontierStore:
+    """The frontier's operations, each one Redis round trip; *prefix* names
+    the crawl (every machine of a crawl uses the same)."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._push = redis.register_script(_PUSH)
+        self._lease = redis.register_script(_LEASE)
+        self._release = redis.register_script(_RELEASE)
+        self._ack = redis.register_script(_ACK)
+        self._reap = redis.register_script(_REAP)
+        self._renew = redis.register_script(_RENEW)
+
+    async def push(self, entries: list[Entry], now: float) -> int:
+        """Queue the entries not seen before; how many were queued."""
+        if not entries:
+            return 0
+        args: list[Any] = [self.prefix, now]
+        for entry in entries:
+            if not -_PRIORITY_BOUND <= entry.priority <= _PRIORITY_BOUND:
+                raise ValueError(f"priority {entry.priority} is outside"
+                                 f" +-{_PRIORITY_BOUND}, which the Redis frontier orders")
+            args += [entry.fingerprint.hex() if entry.fingerprint is not None else "",
+                     entry.slot, entry.concurrency, entry.delay_s, entry.priority, entry.blob]
+        return int(await self._push(args=args))
+
+    async def lease(self, machine: str, count: int, visibility_s: float,
+                    now: float) -> list[Leased]:
+        """Up to *count* requests that their slots allow now, best first."""
+        flat = await self._lease(args=[self.prefix, now, machine, count, visibility_s])
+        return [Leased(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    async def release(self, ids: list[bytes], now: float) -> int:
+        if not ids:
+            return 0
+        return int(await self._release(args=[self.prefix, now, *ids]))
+
+    async def ack(self, ids: list[bytes], now: float) -> int:
+        if not ids:
+            return 0
+        return int(await self._ack(args=[self.prefix, now, *ids]))
+
+    async def renew(self, ids: list[bytes], deadline: float) -> int:
+        if not ids:
+            return 0
+        return int(await self._renew(args=[self.prefix, deadline, *ids]))
+
+    async def reap(self, now: float, limit: int = 1000) -> list[bytes]:
+        """Put back the leases past their deadline; their ids."""
+        return list(await self._reap(args=[self.prefix, now, limit]))
+
+    async def counts(self) -> tuple[int, int]:
+        """(requests queued, leases out)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(f"{self.prefix}:queued")
+        pipe.zcard(f"{self.prefix}:leases")
+        queued, leases = await pipe.execute()
+        return int(queued or 0), int(leases)
