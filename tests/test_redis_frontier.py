@@ -4,8 +4,10 @@ crawl by a frontier on a real redis-server (SPEEDUP_FRONTIER_URL)."""
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scrapy_speedup.demo.graph import expected_pages
-from tests.conftest import Crawl, CrawlResult
+from tests.conftest import Crawl, CrawlResult, start_capacity_site
 from tests.redis_server import RedisServer, redis_server
 from tests.test_crawl_processes import crawled_paths, graph_site
 
@@ -86,3 +88,81 @@ def test_a_machine_killed_mid_crawl_loses_no_page(tmp_path: Path, redis: RedisSe
     repeats = sum(n - 1 for n in paths.values())
     assert repeats <= 16, repeats  # at most what the victim had leased (2 x 8)
     assert result.stat("speedup/frontier/lease_expired_count") >= 1
+
+
+def test_politeness_is_the_crawls_across_machines(tmp_path: Path, redis: RedisServer) -> None:
+    """CONCURRENT_REQUESTS_PER_DOMAIN is the crawl's total over every machine,
+    measured at the site."""
+    site = start_capacity_site(capacity=1000, latency_ms=50)
+    name = f"crawl{next(_crawls)}"
+    try:
+        crawls = []
+        for i in range(2):
+            folder = tmp_path / f"machine{i}"
+            folder.mkdir()
+            crawls.append(Crawl(folder, spider="crawl_pages", settings={
+                "SPEEDUP_FRONTIER_URL": redis.url, "SPEEDUP_FRONTIER_NAME": name,
+                "CONCURRENT_REQUESTS": 32, "CONCURRENT_REQUESTS_PER_DOMAIN": 3,
+            }, args={"site": site.url, "count": 60}))
+        results = [crawl.result(120) for crawl in crawls]
+        with urllib.request.urlopen(f"{site.url}/stats", timeout=10) as response:
+            served = json.load(response)
+    finally:
+        site.process.terminate()
+        site.process.wait(10)
+    for result in results:
+        assert result.returncode == 0, result.log[-4000:]
+    pages = Counter(item["n"] for result in results for item in result.items)
+    assert sorted(pages) == list(range(60)) and max(pages.values()) == 1
+    assert served["peak"] == 3, served  # never more, and the limit is used
+    assert all(result.items for result in results)
+
+
+def test_a_redis_restart_mid_crawl_loses_nothing(tmp_path: Path) -> None:
+    """Redis goes away for 3 s and comes back with its data: the machines
+    wait, then go on; every page once."""
+    shape = ("--pages", "300", "--links", "4", "--shape", "tree")
+    with redis_server() as server, graph_site(*shape, "--latency-ms", "20") as site:
+        crawls = machines(tmp_path, server, 2, site)
+        first = crawls[0]
+        deadline = time.monotonic() + 60
+        while not first.items_file.exists() or first.items_file.stat().st_size < 1500:
+            assert time.monotonic() < deadline, first.log_file.read_text()[-3000:]
+            time.sleep(0.05)
+        server.stop()
+        time.sleep(3)
+        server.start()
+        results = [crawl.result(120) for crawl in crawls]
+    for result in results:
+        assert result.returncode == 0, result.log[-4000:]
+        assert result.stats["finish_reason"] == "finished"
+    paths = union(results)
+    assert set(paths) == expected_pages(300, 4, shape="tree")
+    assert max(paths.values()) == 1
+
+
+def test_no_machine_ends_while_another_still_makes_requests(tmp_path: Path,
+                                                            redis: RedisServer) -> None:
+    """One machine starts at a page that links nowhere, the other at the
+    root of 300 pages (slowly): the first must not end while the second's
+    pages make requests, and takes its share of them."""
+    shape = ("--pages", "300", "--links", "4", "--shape", "random", "--seed", "7")
+    leaf = next(p for p in sorted(expected_pages(300, 4, seed=7, shape="random"))
+                if p != "/p/0")
+    with graph_site(*shape, "--latency-ms", "30") as site:
+        name = f"crawl{next(_crawls)}"
+        crawls = []
+        for i, start in enumerate([leaf, "/p/0"]):
+            folder = tmp_path / f"machine{i}"
+            folder.mkdir()
+            crawls.append(Crawl(folder, spider="follow", settings={
+                "SPEEDUP_FRONTIER_URL": redis.url, "SPEEDUP_FRONTIER_NAME": name,
+                "CONCURRENT_REQUESTS": 4, "CONCURRENT_REQUESTS_PER_DOMAIN": 8,
+            }, args={"site": site, "start_path": start}))
+        results = [crawl.result(120) for crawl in crawls]
+    for result in results:
+        assert result.returncode == 0, result.log[-4000:]
+    paths = union(results)
+    assert max(paths.values()) == 1
+    assert set(paths) == expected_pages(300, 4, seed=7, shape="random")
+    assert len(results[0].items) > 20, len(results[0].items)
