@@ -138,7 +138,7 @@ class Addon:
         scheduler leases from it, and a download that fails releases its
         site's place there as one that succeeds does."""
         from scrapy_speedup.crawl.lease_scheduler import ReleaseMiddleware
-        from scrapy_speedup.redis_frontier.scheduler import RedisScheduler
+        from scrapy_speedup.redis_frontier.scheduler import LIMITS_SETTING, RedisScheduler
 
         if config.crawl_processes > 1:
             raise SpeedupSettingsError(
@@ -158,6 +158,23 @@ class Addon:
                 f"SPEEDUP_FRONTIER_URL replaces the scheduler, and SCHEDULER is {scheduler!r}:"
                 " leave SCHEDULER to Scrapy's default"
             )
+        for name in ("CLOSESPIDER_TIMEOUT_NO_ITEM", "CLOSESPIDER_PAGECOUNT_NO_ITEM"):
+            if settings.getfloat(name):
+                raise SpeedupSettingsError(
+                    f"{name} is not supported with SPEEDUP_FRONTIER_URL yet: the crawl's"
+                    " limits are CLOSESPIDER_ITEMCOUNT, _PAGECOUNT, _ERRORCOUNT and _TIMEOUT"
+                )
+        # The crawl's limits, which its machines apply together; each machine's
+        # own CloseSpider would count this machine's pages alone.
+        settings.set(LIMITS_SETTING, {
+            "itemcount": settings.getint("CLOSESPIDER_ITEMCOUNT"),
+            "pagecount": settings.getint("CLOSESPIDER_PAGECOUNT"),
+            "errorcount": settings.getint("CLOSESPIDER_ERRORCOUNT"),
+            "timeout_s": settings.getfloat("CLOSESPIDER_TIMEOUT"),
+        }, priority=_DECIDES)
+        for name in ("CLOSESPIDER_ITEMCOUNT", "CLOSESPIDER_PAGECOUNT", "CLOSESPIDER_ERRORCOUNT",
+                     "CLOSESPIDER_TIMEOUT"):
+            settings.set(name, 0, priority=_DECIDES)
         settings.set("SCHEDULER", RedisScheduler, priority="addon")
         settings.set_in_component_priority_dict(
             "DOWNLOADER_MIDDLEWARES", ReleaseMiddleware, 1000

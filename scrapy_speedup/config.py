@@ -339,6 +339,7 @@ class FrontierSettings:
     #: Prefix of the crawl's keys; None: the spider's name.
     name: str | None
     visibility_timeout_seconds: float
+    max_outage_seconds: float
 
 
 def _frontier(settings: BaseSettings) -> FrontierSettings | None:
@@ -356,7 +357,9 @@ def _frontier(settings: BaseSettings) -> FrontierSettings | None:
     prefix = _str(settings, "SPEEDUP_FRONTIER_NAME", None)
     if prefix is not None and (not prefix.strip() or any(c.isspace() for c in prefix)):
         raise _error("SPEEDUP_FRONTIER_NAME", prefix, "a name without spaces")
-    return FrontierSettings(url, prefix, visibility)
+    outage = _float(settings, "SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS", 300.0)
+    assert outage is not None
+    return FrontierSettings(url, prefix, visibility, outage)
 
 
 #: The setting that scrapy-speedup sets in an engine process (its index). It

@@ -166,3 +166,50 @@ def test_no_machine_ends_while_another_still_makes_requests(tmp_path: Path,
     assert max(paths.values()) == 1
     assert set(paths) == expected_pages(300, 4, seed=7, shape="random")
     assert len(results[0].items) > 20, len(results[0].items)
+
+
+def test_closespider_itemcount_is_the_crawls(tmp_path: Path, redis: RedisServer) -> None:
+    """CLOSESPIDER_ITEMCOUNT counts every machine's items: the crawl closes
+    soon after 40 in all, each machine with the crawl's reason."""
+    shape = ("--pages", "400", "--links", "4", "--shape", "tree")
+    with graph_site(*shape, "--latency-ms", "20") as site:
+        crawls = machines(tmp_path, redis, 2, site, CLOSESPIDER_ITEMCOUNT=40)
+        results = [crawl.result(120) for crawl in crawls]
+    for result in results:
+        assert result.returncode == 0, result.log[-4000:]
+        assert result.stats["finish_reason"] == "closespider_itemcount"
+    total = sum(len(result.items) for result in results)
+    # Each machine may finish the pages it had in hand (8 at once here).
+    assert 40 <= total <= 40 + 2 * 16, total
+    assert all(len(result.items) < 40 for result in results), [len(r.items) for r in results]
+
+
+def test_a_finished_crawl_leaves_no_keys_and_runs_again(tmp_path: Path,
+                                                         redis: RedisServer) -> None:
+    """Each machine writes its own feed (%(speedup_machine)s); once the crawl
+    finished, its keys are gone, and the same crawl started again crawls the
+    site again (where scrapy-redis's persisted dupefilter would crawl nothing)."""
+    import redis as redis_client
+
+    shape = ("--pages", "60", "--links", "3", "--shape", "tree")
+    name = f"crawl{next(_crawls)}"
+    with graph_site(*shape, "--latency-ms", "5") as site:
+        for run in range(2):
+            folder = tmp_path / f"run{run}"
+            folder.mkdir()
+            crawl = Crawl(folder, spider="follow", settings={
+                "SPEEDUP_FRONTIER_URL": redis.url, "SPEEDUP_FRONTIER_NAME": name,
+                "FEEDS": {str(folder / "items-%(speedup_machine)s.jsonl"): {
+                    "format": "jsonlines"}},
+            }, args={"site": site, "start_path": "/p/0"})
+            result = crawl.result(120)
+            assert result.returncode == 0, result.log[-4000:]
+            assert "its keys are deleted" in result.log
+            (feed,) = folder.glob("items-*-*.jsonl")
+            assert len(feed.read_text().splitlines()) == len(expected_pages(60, 3,
+                                                                             shape="tree"))
+    client = redis_client.Redis.from_url(redis.url)
+    try:
+        assert client.keys(f"{name}:*") == []
+    finally:
+        client.close()

@@ -173,7 +173,7 @@ def test_machines_leasing_at_once_never_get_the_same_request(server: RedisServer
             while True:
                 leased = await store.lease(name, 16, 60, now=0)
                 if not leased:
-                    queued, out = await store.counts()
+                    queued, _ = await store.counts()
                     if not queued:
                         return
                     await asyncio.sleep(0)
@@ -226,7 +226,7 @@ def test_any_sequence_keeps_the_books(server: RedisServer, sequence: list[Any]) 
                     out[item.id] = (item.blob.decode()[0], False, now)
             elif op[0] in ("release", "ack") and out:
                 lease_id = sorted(out)[op[1] % len(out)]
-                slot, released, at = out[lease_id]
+                slot, _, at = out[lease_id]
                 if op[0] == "release":
                     await store.release([lease_id], now)
                     out[lease_id] = (slot, True, at)
@@ -240,7 +240,7 @@ def test_any_sequence_keeps_the_books(server: RedisServer, sequence: list[Any]) 
             for slot, limit in limits.items():
                 busy = sum(1 for s, released, _ in out.values() if s == slot and not released)
                 assert busy <= limit
-            queued, leases = await store.counts()
+            _, leases = await store.counts()
             assert leases == len(out)
         # Drain: everything pushed is handled once.
         while True:

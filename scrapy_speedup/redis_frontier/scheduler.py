@@ -28,14 +28,21 @@ import socket
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from scrapy import Request, signals
 from scrapy.core.scheduler import BaseScheduler
+from scrapy.utils.defer import _schedule_coro, deferred_from_coro
 from scrapy.utils.request import request_from_dict
 
 from scrapy_speedup.config import SpeedupConfig
 from scrapy_speedup.extension import SpeedupExtension
+from scrapy_speedup.redis_frontier.crawl_state import (
+    Limits,
+    SharedCounts,
+    forget_finished_crawl,
+)
 from scrapy_speedup.redis_frontier.link import RedisLink
 from scrapy_speedup.redis_frontier.store import Entry, FrontierStore, Leased
 
@@ -45,6 +52,7 @@ if TYPE_CHECKING:
     from scrapy import Spider
     from scrapy.crawler import Crawler
     from scrapy.http import Response
+    from twisted.internet.defer import Deferred
 
     from scrapy_speedup._bridge import Timer
 
@@ -60,6 +68,52 @@ _IDLE_TICK_S = 0.05
 # The crawl is over when it looks over this long (two looks at least).
 _END_GRACE_S = 1.0
 _MACHINE_TTL_S = 30
+# While Redis cannot be reached, the scheduler tries again this often.
+_RETRY_S = 1.0
+#: Where the add-on keeps the crawl's CLOSESPIDER_* limits, which the
+#: machines apply together (each machine's own CloseSpider gets 0).
+LIMITS_SETTING = "_SPEEDUP_FRONTIER_LIMITS"
+
+# Joining: the first machine of a run starts its counts, start time and
+# closing reason afresh (a crawl resumed after a limit or Ctrl-C closes
+# again only when the new run reaches its limits).
+_JOIN = """
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('HLEN', KEYS[1])
+"""
+
+
+@dataclass
+class _Batch:
+    """What one job sends to the frontier."""
+
+    push: list[Entry]
+    release: list[bytes]
+    ack: list[bytes]
+    #: How many requests to lease.
+    want: int
+    #: Whether this machine's spider is still in its start().
+    starting: bool
+    renew: list[bytes] = field(default_factory=list)
+    reap: bool = False
+    #: This machine's stats changes since the last job.
+    changes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Outcome:
+    """What one job found."""
+
+    added: int = 0
+    reaped: list[bytes] = field(default_factory=list)
+    leased: list[Leased] = field(default_factory=list)
+    #: (requests queued, leases out, machines starting) in the whole crawl.
+    state: tuple[int, int, int] = (0, 0, 0)
+    closing: str | None = None
+    totals: dict[str, int] = field(default_factory=dict)
 
 
 class RedisScheduler(BaseScheduler):
@@ -70,8 +124,16 @@ class RedisScheduler(BaseScheduler):
         assert frontier is not None
         self.url = frontier.url
         self.visibility_s = frontier.visibility_timeout_seconds
-        self.machine = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Also the feeds' %(speedup_machine)s: a file name.
+        self.machine = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.prefix = frontier.name or ""
+        self.max_outage_s = frontier.max_outage_seconds
+        limits = crawler.settings.getdict(LIMITS_SETTING)
+        self.limits = Limits(**limits)
+        self.counts: SharedCounts | None = None
+        self._failing_since: float | None = None
+        self._closing_reason: str | None = None
+        self._totals: dict[str, int] = {}
         self.queue: deque[tuple[bytes, bytes]] = deque()
         self.lease_of: dict[Request, bytes] = {}
         self._released: set[bytes] = set()
@@ -112,12 +174,34 @@ class RedisScheduler(BaseScheduler):
         engine_slot.remove_request = remove_request  # type: ignore[method-assign]
         self.crawler.signals.connect(self._response_downloaded, signals.response_downloaded)
         self.crawler.stats.set_value(_STAT + "machine", self.machine)
+        spider.speedup_machine = self.machine  # type: ignore[attr-defined]
+        self.counts = SharedCounts(self.prefix, self.limits)
         logger.info("scrapy-speedup: frontier on Redis at %s, crawl %r, this machine %s",
                     _safe_url(self.url), self.prefix, self.machine,
                     extra={"crawler": self.crawler})
-        self._tick()
+        store, prefix, machine = self.store, self.prefix, self.machine
 
-    def close(self, reason: str) -> None:
+        async def join() -> int:
+            keys = [f"{prefix}:{name}" for name in ("machines", "stats", "started", "closing")]
+            state = f"starting|{time.time() + _MACHINE_TTL_S}"
+            return int(await store.redis.eval(_JOIN, len(keys), *keys, machine, state))
+
+        def joined(machines: int | None, error: BaseException | None) -> None:
+            if error is not None:
+                self._failed(error)
+                return
+            logger.info("scrapy-speedup: joined crawl %r with %d machines in it", prefix,
+                        machines, extra={"crawler": self.crawler})
+            self._tick()
+
+        self.link.submit(join, joined)
+
+    def close(self, reason: str) -> Deferred[None]:
+        return deferred_from_coro(self._close(reason))
+
+    async def _close(self, reason: str) -> None:
+        """Send what is left, hand back the leases not started, leave the
+        crawl (deleting it if it finished); at most SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS."""
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -127,9 +211,13 @@ class RedisScheduler(BaseScheduler):
         store, link, prefix, machine = self.store, self.link, self.prefix, self.machine
         if link is None or store is None:
             return
+        ended = self.bridge.new_waiter()
         pushes, releases, acks = self._push, self._release, self._ack
 
-        async def last_job() -> None:
+        counts = self.counts
+        changes = counts.changes(self.crawler.stats) if counts is not None else {}
+
+        async def last_job() -> tuple[dict[str, int], bool]:
             now = time.time()
             await store.push(pushes, now)
             await store.release(releases, now)
@@ -137,9 +225,35 @@ class RedisScheduler(BaseScheduler):
             # Handed back: due now, reaped by whoever looks next.
             await store.renew(returned, now - 1)
             await store.reap(now)
+            totals: dict[str, int] = {}
+            if counts is not None:
+                _, totals = await counts.exchange(store.redis, changes)
             await store.redis.hdel(f"{prefix}:machines", machine)
+            forgotten = reason == "finished" and await forget_finished_crawl(store.redis, prefix)
+            return totals, forgotten
 
-        link.submit(last_job, lambda _, error: _log_error(self.crawler, "close", error))
+        def done(result: Any, error: BaseException | None) -> None:
+            if self.bridge.is_pending(ended):
+                self.bridge.resolve(ended, None)
+            if error is not None:
+                _log_error(self.crawler, "the close", error)
+                return
+            totals, forgotten = result
+            logger.info(
+                "scrapy-speedup: crawl %r: this machine %d pages, %d items; the crawl so far"
+                " %d pages, %d items%s", prefix,
+                self.crawler.stats.get_value("response_received_count", 0),
+                self.crawler.stats.get_value("item_scraped_count", 0),
+                totals.get("response_received_count", 0), totals.get("item_scraped_count", 0),
+                "; it has finished, and its keys are deleted" if forgotten else "",
+                extra={"crawler": self.crawler})
+
+        link.submit(last_job, done)
+        timeout = self.config.shutdown_timeout_seconds
+        timer = self.bridge.call_later(timeout, done, None, TimeoutError(
+            f"Redis did not answer within {timeout} s (SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS)"))
+        await ended
+        timer.cancel()
         self.bridge.run_in_new_thread(link.close, "scrapy-speedup-redis-close")
 
     # -- the scheduler's interface ------------------------------------------------------
@@ -251,85 +365,146 @@ class RedisScheduler(BaseScheduler):
         return max(0, 2 * total - in_progress - len(self.queue))
 
     def _tick(self) -> None:
+        """Send what this machine has for the frontier, and lease what it has
+        room for, in one job on the Redis thread."""
         self._timer = None
         if self._closed or self._busy or self.store is None or self.link is None:
             return
         self._busy = True
-        store, now_wall = self.store, time.time()
-        pushes, self._push = self._push, []
-        releases, self._release = self._release, []
-        acks, self._ack = self._ack, []
-        held = [lease for lease, _ in self.queue] + list(self.lease_of.values())
-        renew = held if now_wall - self._renewed_at > self.visibility_s / 3 else []
-        if renew:
-            self._renewed_at = now_wall
-        reap = now_wall - self._reaped_at > 1.0
-        if reap:
-            self._reaped_at = now_wall
-        want = self._room()
-        starting = self.crawler.engine._start is not None
-        prefix, machine, visibility = self.prefix, self.machine, self.visibility_s
+        now = time.time()
+        batch = _Batch(self._push, self._release, self._ack, want=self._room(),
+                       starting=self.crawler.engine._start is not None)
+        self._push, self._release, self._ack = [], [], []
+        if now - self._renewed_at > self.visibility_s / 3:
+            self._renewed_at = now
+            batch.renew = [lease for lease, _ in self.queue] + list(self.lease_of.values())
+        if now - self._reaped_at > 1.0:
+            self._reaped_at = now
+            batch.reap = True
+        if self.counts is not None:
+            batch.changes = self.counts.changes(self.crawler.stats)
+        store = self.store
+        self.link.submit(lambda: self._run(store, batch),
+                         lambda result, error: self._ran(batch, result, error))
 
-        async def job() -> tuple[int, list[bytes], list[Leased], tuple[int, int, int]]:
-            now = time.time()
-            redis = store.redis
-            added = await store.push(pushes, now)
-            await store.release(releases, now)
-            await store.ack(acks, now)
-            if renew:
-                await store.renew(renew, now + visibility)
-            reaped = await store.reap(now) if reap else []
-            leased = await store.lease(machine, want, visibility, now) if want else []
-            pipe = redis.pipeline(transaction=False)
-            pipe.hset(f"{prefix}:machines", machine, f"{'starting' if starting else 'running'}"
-                                                      f"|{now + _MACHINE_TTL_S}")
-            pipe.hgetall(f"{prefix}:machines")
-            _, machines = await pipe.execute()
-            queued, out = await store.counts()
-            starting_count = 0
-            for name, state in machines.items():
-                what, _, until = state.decode().partition("|")
-                if float(until) < now:  # its machine died while starting
-                    await redis.hdel(f"{prefix}:machines", name)
-                elif what == "starting":
-                    starting_count += 1
-            return added, reaped, leased, (queued, out, starting_count)
+    async def _run(self, store: FrontierStore, batch: _Batch) -> _Outcome:
+        """On the Redis thread: one batch, in this order (pushes before the
+        acknowledgements of the pages that made them)."""
+        now = time.time()
+        redis, prefix = store.redis, self.prefix
+        outcome = _Outcome()
+        outcome.added = await store.push(batch.push, now)
+        await store.release(batch.release, now)
+        await store.ack(batch.ack, now)
+        if batch.renew:
+            await store.renew(batch.renew, now + self.visibility_s)
+        if batch.reap:
+            outcome.reaped = await store.reap(now)
+        if batch.want:
+            outcome.leased = await store.lease(self.machine, batch.want, self.visibility_s, now)
+        state = f"{'starting' if batch.starting else 'running'}|{now + _MACHINE_TTL_S}"
+        pipe = redis.pipeline(transaction=False)
+        pipe.hset(f"{prefix}:machines", self.machine, state)
+        pipe.hgetall(f"{prefix}:machines")
+        _, machines = await pipe.execute()
+        starting = 0
+        for name, value in machines.items():
+            what, _, until = value.decode().partition("|")
+            if float(until) < now:  # its machine died without leaving
+                await redis.hdel(f"{prefix}:machines", name)
+            elif what == "starting":
+                starting += 1
+        queued, out = await store.counts()
+        outcome.state = (queued, out, starting)
+        if self.counts is not None:
+            outcome.closing, outcome.totals = await self.counts.exchange(redis, batch.changes)
+        return outcome
 
-        def done(result: Any, error: BaseException | None) -> None:
-            self._busy = False
-            if error is not None:
-                _log_error(self.crawler, "a frontier call", error)
-                # Put back what was not sent: the next job tries again.
-                self._push[:0] = pushes
-                self._release[:0] = releases
-                self._ack[:0] = acks
-                self._timer = self.bridge.call_later(_IDLE_TICK_S, self._tick)
-                return
-            added, reaped, leased, state = result
-            stats = self.crawler.stats
-            if pushes:
-                filtered = len(pushes) - added
-                if filtered:
-                    stats.inc_value("dupefilter/filtered", filtered)
-                stats.inc_value(_STAT + "queued_count", added)
-            if reaped:
-                stats.inc_value(_STAT + "lease_expired_count", len(reaped))
-                logger.warning("scrapy-speedup: %d leases of the crawl outlived"
-                               " SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS (a machine died"
-                               " or hung); they are back in the frontier", len(reaped),
-                               extra={"crawler": self.crawler})
-            self.queue.extend((item.id, item.blob) for item in leased)
-            if leased:
-                stats.inc_value(_STAT + "leased_count", len(leased))
-                stats.inc_value(_STAT + "lease_message_count")
-            self._look(state)
-            engine_slot = getattr(self.crawler.engine, "_slot", None)
-            if leased and engine_slot is not None:
-                engine_slot.nextcall.schedule()
-            busy = self._push or self._release or self._ack or leased
+    def _ran(self, batch: _Batch, outcome: _Outcome | None,
+             error: BaseException | None) -> None:
+        self._busy = False
+        if error is not None or outcome is None:
+            # Put back what was not sent: the next job sends it again
+            # (pushes and acknowledgements are idempotent; leases this job
+            # may have taken come back after the visibility timeout).
+            self._push[:0] = batch.push
+            self._release[:0] = batch.release
+            self._ack[:0] = batch.ack
+            self._failed(error or RuntimeError("no outcome"))
+            return
+        if self.counts is not None:
+            self.counts.sent(batch.changes)
+        self._recovered()
+        self._totals = outcome.totals
+        if outcome.closing is not None:
+            self._close_crawl(outcome.closing)
+        stats = self.crawler.stats
+        if batch.push:
+            filtered = len(batch.push) - outcome.added
+            if filtered:
+                stats.inc_value("dupefilter/filtered", filtered)
+            stats.inc_value(_STAT + "queued_count", outcome.added)
+        if outcome.reaped:
+            stats.inc_value(_STAT + "lease_expired_count", len(outcome.reaped))
+            logger.warning("scrapy-speedup: %d leases of the crawl outlived"
+                           " SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS (a machine died"
+                           " or hung); they are back in the frontier", len(outcome.reaped),
+                           extra={"crawler": self.crawler})
+        self.queue.extend((item.id, item.blob) for item in outcome.leased)
+        if outcome.leased:
+            stats.inc_value(_STAT + "leased_count", len(outcome.leased))
+            stats.inc_value(_STAT + "lease_message_count")
+        self._look(outcome.state)
+        engine_slot = getattr(self.crawler.engine, "_slot", None)
+        if outcome.leased and engine_slot is not None:
+            engine_slot.nextcall.schedule()
+        busy = self._push or self._release or self._ack or outcome.leased
+        if not self._closed:
             self._timer = self.bridge.call_later(_TICK_S if busy else _IDLE_TICK_S, self._tick)
 
-        self.link.submit(job, done)
+    # -- the crawl's end and Redis outages -----------------------------------------------
+
+    def _close_crawl(self, reason: str) -> None:
+        """Another machine, or this one, saw a CLOSESPIDER_* limit of the
+        crawl reached (or Redis stayed away too long): close with its reason."""
+        if self._closing_reason is not None:
+            return
+        self._closing_reason = reason
+        logger.info("scrapy-speedup: the crawl %r closes (%s); so do its machines",
+                    self.prefix, reason, extra={"crawler": self.crawler})
+        _schedule_coro(self.crawler.engine.close_spider_async(reason=reason))
+
+    def _failed(self, error: BaseException) -> None:
+        """A job could not reach Redis (the client retried each command for
+        a while already): wait and try again, up to
+        SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS, then close the crawl."""
+        now = time.monotonic()
+        stats = self.crawler.stats
+        stats.inc_value(_STAT + "error_count")
+        if self._failing_since is None:
+            self._failing_since = now
+            logger.warning(
+                "scrapy-speedup: Redis at %s cannot be reached (%s: %s); the crawl waits for"
+                " it, up to %s s (SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS)", _safe_url(self.url),
+                type(error).__name__, error, self.max_outage_s,
+                extra={"crawler": self.crawler})
+        elif now - self._failing_since > self.max_outage_s:
+            logger.error(
+                "scrapy-speedup: Redis at %s has been unreachable for %.0f s; this machine"
+                " stops (its leases go back to the crawl after the visibility timeout)",
+                _safe_url(self.url), now - self._failing_since,
+                extra={"crawler": self.crawler})
+            self._close_crawl("frontier_unavailable")
+        if not self._closed:
+            self._timer = self.bridge.call_later(_RETRY_S, self._tick)
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            away = time.monotonic() - self._failing_since
+            self._failing_since = None
+            self.crawler.stats.max_value(_STAT + "outage_seconds_max", round(away, 3))
+            logger.warning("scrapy-speedup: Redis is back after %.1f s; the crawl goes on",
+                           away, extra={"crawler": self.crawler})
 
 
 def _safe_url(url: str) -> str:

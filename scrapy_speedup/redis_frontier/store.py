@@ -108,7 +108,7 @@ if added > 0 then
   end
 end
 return added
-""" % {"scale": _PRIORITY_SCALE}
+""".replace("%(scale)d", str(_PRIORITY_SCALE))
 
 # ARGV: P, now, machine, count, visibility (seconds). Returns a flat list:
 # id, blob, id, blob...
@@ -206,7 +206,7 @@ for _, id in ipairs(late) do
   if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
 end
 return late
-""" % {"scale": _PRIORITY_SCALE}
+""".replace("%(scale)d", str(_PRIORITY_SCALE))
 
 # Extend the deadline of leases still being worked on. ARGV: P, deadline, ids...
 _RENEW = """
