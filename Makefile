@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 # The database tests start a real PostgreSQL server: Debian's, installed here
 # when it is missing (as root, or through sudo).
 POSTGRES_INITDB := $(wildcard /usr/lib/postgresql/*/bin/initdb)
+# The Redis frontier's tests start a real redis-server: Debian's, likewise.
+REDIS_SERVER := $(shell command -v redis-server)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,dask]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,dask,redis]"
 	touch $(STAMP)
 
 ## make demo: the example crawl on the bundled local site, without and with scrapy-speedup
@@ -30,6 +32,10 @@ system-deps:
 ifeq ($(POSTGRES_INITDB),)
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends postgresql
+endif
+ifeq ($(REDIS_SERVER),)
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends redis-server
 endif
 
 lint: $(STAMP)

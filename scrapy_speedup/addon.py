@@ -87,6 +87,11 @@ class Addon:
         config = SpeedupConfig.from_settings(settings)
         if not config.enabled:
             return
+        if config.frontier is not None and config.crawl_processes > 1:
+            raise SpeedupSettingsError(
+                "SPEEDUP_FRONTIER_URL with SPEEDUP_CRAWL_PROCESSES above 1 is not supported"
+                " yet: start one `scrapy crawl` per core instead (each joins the crawl)"
+            )
         if config.coordinates:
             if self.crawler is None:
                 raise SpeedupSettingsError(
@@ -140,11 +145,6 @@ class Addon:
         from scrapy_speedup.crawl.lease_scheduler import ReleaseMiddleware
         from scrapy_speedup.redis_frontier.scheduler import LIMITS_SETTING, RedisScheduler
 
-        if config.crawl_processes > 1:
-            raise SpeedupSettingsError(
-                "SPEEDUP_FRONTIER_URL with SPEEDUP_CRAWL_PROCESSES above 1 is not supported"
-                " yet: start one `scrapy crawl` per core instead (each joins the crawl)"
-            )
         if settings.get("JOBDIR"):
             raise SpeedupSettingsError(
                 "JOBDIR and SPEEDUP_FRONTIER_URL: the frontier is in Redis, which keeps it"

@@ -110,3 +110,31 @@ def test_script_without_main_guard_fails_clearly(demo_site: DemoSite, tmp_path: 
     assert 'Put the code that starts the crawl under `if __name__ == "__main__":`' in log
     assert "scrapy-speedup process pool: 3 tasks: 3 succeeded" in log
     assert result.returncode == 0
+
+
+def test_a_redis_frontier_takes_the_scheduler_and_the_crawls_limits() -> None:
+    from scrapy_speedup.redis_frontier.scheduler import LIMITS_SETTING, RedisScheduler
+
+    settings = Settings({"SPEEDUP_FRONTIER_URL": "redis://127.0.0.1:6379/0",
+                         "CLOSESPIDER_ITEMCOUNT": 40, "CLOSESPIDER_TIMEOUT": 60})
+    settings.set("CLOSESPIDER_PAGECOUNT", 7, priority="cmdline")
+    Addon().update_settings(settings)
+    assert settings["SCHEDULER"] is RedisScheduler
+    assert settings.getdict(LIMITS_SETTING) == {"itemcount": 40, "pagecount": 7,
+                                                "errorcount": 0, "timeout_s": 60.0}
+    # Each machine's CloseSpider would count its own pages alone.
+    for name in ("CLOSESPIDER_ITEMCOUNT", "CLOSESPIDER_PAGECOUNT", "CLOSESPIDER_TIMEOUT"):
+        assert settings.getint(name) == 0
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"SPEEDUP_CRAWL_PROCESSES": 2}, "not supported yet"),
+    ({"JOBDIR": "/tmp/job"}, "leave JOBDIR unset"),
+    ({"SCHEDULER": "tests.test_addon.HeavyPipeline"}, "leave SCHEDULER"),
+    ({"CLOSESPIDER_TIMEOUT_NO_ITEM": 5}, "CLOSESPIDER_TIMEOUT_NO_ITEM is not supported"),
+])
+def test_what_a_redis_frontier_cannot_do_yet_is_refused(values: dict[str, object],
+                                                        message: str) -> None:
+    settings = Settings({"SPEEDUP_FRONTIER_URL": "redis://127.0.0.1:6379/0", **values})
+    with pytest.raises(SpeedupSettingsError, match=message):
+        Addon().update_settings(settings)

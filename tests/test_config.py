@@ -216,3 +216,27 @@ def test_dask_settings(tmp_path: Path) -> None:
 def test_bad_dask_settings_are_named(values: dict[str, object], message: str) -> None:
     with pytest.raises(SpeedupSettingsError, match=message):
         SpeedupConfig.from_settings(Settings(values))
+
+
+def test_frontier_settings() -> None:
+    assert config().frontier is None
+    f = config(SPEEDUP_FRONTIER_URL="redis://:secret@10.0.0.5:6379/2").frontier
+    assert f is not None and f.url == "redis://:secret@10.0.0.5:6379/2"
+    assert f.name is None and f.visibility_timeout_seconds == 60
+    assert f.max_outage_seconds == 300
+    f = config(SPEEDUP_FRONTIER_URL="rediss://redis.internal:6380/0", SPEEDUP_FRONTIER_NAME="shop",
+               SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS="5").frontier
+    assert f is not None and f.name == "shop" and f.visibility_timeout_seconds == 5
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"SPEEDUP_FRONTIER_URL": "http://127.0.0.1:6379"}, "a Redis URL"),
+    ({"SPEEDUP_FRONTIER_URL": "127.0.0.1:6379"}, "a Redis URL"),
+    ({"SPEEDUP_FRONTIER_URL": "redis://h:6379", "SPEEDUP_FRONTIER_NAME": "my crawl"},
+     "a name without spaces"),
+    ({"SPEEDUP_FRONTIER_URL": "redis://h:6379",
+      "SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS": "0.5"}, "VISIBILITY_TIMEOUT"),
+])
+def test_bad_frontier_settings_are_named(values: dict[str, object], message: str) -> None:
+    with pytest.raises(SpeedupSettingsError, match=message):
+        SpeedupConfig.from_settings(Settings(values))
