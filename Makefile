@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 # The database tests start a real PostgreSQL server: Debian's, installed here
 # when it is missing (as root, or through sudo).
 POSTGRES_INITDB := $(wildcard /usr/lib/postgresql/*/bin/initdb)
+# The browser tests render pages in a real Chromium: Debian's (Playwright's
+# own download is not reachable from every machine), installed here too.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,playwright]"
 	touch $(STAMP)
 
 ## make demo: the example crawl on the bundled local site, without and with scrapy-speedup
@@ -30,6 +33,10 @@ system-deps:
 ifeq ($(POSTGRES_INITDB),)
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends postgresql
+endif
+ifeq ($(CHROMIUM),)
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium
 endif
 
 lint: $(STAMP)
