@@ -182,7 +182,7 @@ class BrowserRouterDownloaderMiddleware:
 
     async def process_response(self, request: Request, response: Response) -> Response:
         route = request.meta.get(ROUTE_KEY)
-        if route not in ("http", "probe", "sample") or ROUTE_KEY not in response.meta:
+        if route not in ("http", "probe", "sample"):
             return response
         kind = self.router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
         if route == "sample":
@@ -240,12 +240,13 @@ class BrowserRouterSpiderMiddleware:
                 yield output
             return
         plain: list[Any] = []
-        try:
-            async for output in result:
-                plain.append(output)
-        except Exception as exc:  # noqa: BLE001 - weighed in _sample
-            async for output in self._sample(response, [], exc):
-                yield output
+        async for output in result:
+            plain.append(output)
+        if response.meta.get(_SAMPLED):
+            # The callback raised: Scrapy handed the exception to
+            # process_spider_exception, which sampled the page, and ended the
+            # callback's output here. What the callback yielded before it
+            # raised is the plain result, not committed.
             return
         async for output in self._sample(response, plain, None):
             yield output
@@ -253,9 +254,11 @@ class BrowserRouterSpiderMiddleware:
     def process_spider_exception(
         self, response: Response, exception: Exception
     ) -> AsyncIterator[Any] | None:
-        # A callback that raised before returning an iterable.
+        # The callback raised, on a sampled plain page: the browser's
+        # rendering decides (its result is committed if it has one).
         if not self._is_sample(response):
             return None
+        response.meta[_SAMPLED] = True  # now: process_spider_output reads it next
         return self._sample(response, [], exception)
 
     async def _sample(
@@ -266,7 +269,6 @@ class BrowserRouterSpiderMiddleware:
         request.meta[_SAMPLED] = True
         router = self.router
         kind = router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
-        kind.sample_ended()
         twin_request = request.replace(
             dont_filter=True, meta={**request.meta, "playwright": True, ROUTE_KEY: _TWIN}
         )
@@ -277,6 +279,7 @@ class BrowserRouterSpiderMiddleware:
             if not _is_ok(twin):
                 raise ValueError(f"the browser got HTTP {twin.status}")
         except Exception as exc:  # noqa: BLE001 - the plain result is kept
+            kind.sample_ended()
             router.stats.inc_value(_STAT + "sample_error_count")
             logger.warning(
                 "scrapy-speedup: the browser fetch of a sample of %s failed (%s: %s); the"
@@ -298,6 +301,7 @@ class BrowserRouterSpiderMiddleware:
                 browser = list(output)
         except Exception as exc:  # noqa: BLE001 - weighed below
             browser_error = exc
+        kind.sample_ended()  # held until now: a new sample must not start meanwhile
         if browser_error is not None:
             router.stats.inc_value(_STAT + "sample_error_count")
             if plain_error is not None:

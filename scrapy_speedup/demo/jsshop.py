@@ -15,8 +15,9 @@ Kinds of page, each with a URL pattern of its own:
 
 Product ``i`` is an ``app`` page when ``i % 20 == 0``, a ``deal`` page when
 ``i % 20 == 10``, else an ``item`` page: one page in ten needs the browser.
-With ``all_app`` set (``--all-app``, or the attribute, for a test), every
-product is an ``app`` page: the site has changed.
+With ``scripted_items`` set (``--scripted-items``, or the attribute, in a
+test), the ``item`` pages keep their URLs but are rendered by a script, as the
+``app`` pages are: the site has changed.
 
 Images (``/shop/img/<i>.png``) and the data scripts are counted: ``/shop/stats``
 gives the counts as JSON.
@@ -50,8 +51,8 @@ _PNG = base64.b64decode(
 )
 
 
-def kind_of(product: int, all_app: bool = False) -> str:
-    if all_app or product % 20 == 0:
+def kind_of(product: int) -> str:
+    if product % 20 == 0:
         return "app"
     return "deal" if product % 20 == 10 else "item"
 
@@ -69,12 +70,12 @@ def expected_items(products: int) -> dict[str, dict[str, str]]:
     }
 
 
-def _list_page(n: int, products: int, all_app: bool) -> bytes | None:
+def _list_page(n: int, products: int) -> bytes | None:
     first = n * PER_LIST
     if first >= products:
         return None
     links = "".join(
-        f'<li><a href="/shop/{kind_of(i, all_app)}/{i}.html">Product {i}</a></li>'
+        f'<li><a href="/shop/{kind_of(i)}/{i}.html">Product {i}</a></li>'
         for i in range(first, min(first + PER_LIST, products))
     )
     more = f'<a class="next" href="/shop/list/{n + 1}.html">next</a>' \
@@ -83,12 +84,12 @@ def _list_page(n: int, products: int, all_app: bool) -> bytes | None:
             f"<ul class=\"products\">{links}</ul>{more}</body></html>").encode()
 
 
-def _product_page(kind: str, i: int) -> bytes:
+def _product_page(kind: str, i: int, scripted: bool = False) -> bytes:
     head = f"<!DOCTYPE html><html><head><title>Product {i}</title></head><body>"
     image = f'<img src="/shop/img/{i}.png" alt="">'
-    if kind == "item":
+    if kind == "item" and not scripted:
         body = f'<h1>Product {i}</h1><p class="price">{price_of(i)}</p>{image}'
-    elif kind == "app":
+    elif kind in ("app", "item"):
         data = json.dumps({"title": f"Product {i}", "price": price_of(i)})
         body = (
             '<div id="app"></div><script>'
@@ -108,11 +109,11 @@ def _product_page(kind: str, i: int) -> bytes:
 class ShopResource(Resource):
     isLeaf = True  # noqa: N815 - Twisted's name
 
-    def __init__(self, products: int, latency_s: float, all_app: bool = False) -> None:
+    def __init__(self, products: int, latency_s: float, scripted_items: bool = False) -> None:
         super().__init__()
         self.products = products
         self.latency_s = latency_s
-        self.all_app = all_app
+        self.scripted_items = scripted_items
         #: Requests served, by kind ("list", "item", "app", "deal", "img", "data").
         self.served: Counter[str] = Counter()
 
@@ -124,7 +125,7 @@ class ShopResource(Resource):
             return None
         kind, number = m[1].decode(), int(m[2])
         if kind == "list":
-            page = _list_page(number, self.products, self.all_app)
+            page = _list_page(number, self.products)
             return None if page is None else (page, b"text/html; charset=utf-8")
         if number >= self.products:
             return None
@@ -133,9 +134,9 @@ class ShopResource(Resource):
         if kind == "data":
             script = f"document.querySelector('p.price').textContent = '{price_of(number)}';"
             return script.encode(), b"application/javascript"
-        if kind != kind_of(number, self.all_app):
+        if kind != kind_of(number):
             return None  # each product has one URL
-        return _product_page(kind, number), b"text/html; charset=utf-8"
+        return _product_page(kind, number, self.scripted_items), b"text/html; charset=utf-8"
 
     def render_GET(self, request: Any) -> int:  # noqa: N802 - Twisted's name
         m = _PATH.match(request.path)
@@ -162,10 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--products", type=int, default=1000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--all-app", action="store_true")
+    parser.add_argument("--scripted-items", action="store_true")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args(argv)
-    serve(ShopResource(args.products, args.latency_ms / 1000, args.all_app), args.port)
+    serve(ShopResource(args.products, args.latency_ms / 1000, args.scripted_items), args.port)
 
 
 if __name__ == "__main__":
