@@ -37,6 +37,7 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from scrapy import signals
 from scrapy.exceptions import DownloadTimeoutError
 from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
@@ -63,6 +64,9 @@ _TICK_S = 1.0
 _LOW_MEMORY_SHARE = 0.1
 # Renders of one page after its browser died, before the page fails.
 _CRASH_RETRIES = 3
+# Time for Chromium to start, on top of a page's timeout: ~1 s on an idle
+# machine, several on a loaded one.
+_LAUNCH_S = 30.0
 
 
 class _PageGate:
@@ -126,6 +130,10 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         self._launched = 0
         self._restarted: set[int] = set()  # ids of the dead browsers replaced
         self._ticker: asyncio.Task[None] | None = None
+        # The contexts of the running browser, also those scrapy-playwright
+        # has already forgotten (it drops a context when its "close" event
+        # comes, which a dying browser sends before "disconnected").
+        self._wrappers: list[Any] = []
         crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
 
@@ -142,7 +150,19 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             for attempt in range(_CRASH_RETRIES + 1):
                 name = self._choose_context(request)
                 try:
-                    return await super().download_request(request)  # type: ignore[no-any-return]
+                    # The page's own timeout (below) covers its rendering; this
+                    # one the rest: a browser that does not start, a page that
+                    # cannot be opened in a context of a browser that died.
+                    async with asyncio.timeout(2 * self.timeout_s + _LAUNCH_S):
+                        return await super().download_request(  # type: ignore[no-any-return]
+                            request
+                        )
+                except TimeoutError:
+                    stats.inc_value(_STAT + "timeout_count")
+                    raise DownloadTimeoutError(
+                        f"the browser took more than {2 * self.timeout_s + _LAUNCH_S:g} s to"
+                        f" open a page for {request.url} (SPEEDUP_BROWSER_TIMEOUT_SECONDS)"
+                    ) from None
                 except PlaywrightError:
                     if attempt == _CRASH_RETRIES or not self._browser_died():
                         raise
@@ -171,7 +191,9 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                 return await super()._download_request_with_page(  # type: ignore[no-any-return]
                     request, page, spider
                 )
-        except TimeoutError:
+        except (TimeoutError, PlaywrightTimeoutError):
+            # Playwright's own (the navigation's) too: as DownloadTimeoutError,
+            # RetryMiddleware retries it; Playwright's it would not.
             assert self._speedup_crawler.stats is not None
             self._speedup_crawler.stats.inc_value(_STAT + "timeout_count")
             raise DownloadTimeoutError(
@@ -181,6 +203,7 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
 
     async def _create_browser_context(self, *args: Any, **kwargs: Any) -> Any:
         wrapper = await super()._create_browser_context(*args, **kwargs)
+        self._wrappers.append(wrapper)
         # Every page operation (a wait_for_selector among playwright_page_methods,
         # a click) gets the timeout, not only the navigation.
         wrapper.context.set_default_timeout(self.timeout_s * 1000)
@@ -202,7 +225,11 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         if request.meta.get("playwright_context") and not request.meta.get(CONTEXT_CHOSEN_KEY):
             return None
         if self._assigned >= self.context_max_pages:
-            self._retired.add(f"{_CONTEXT_PREFIX}{self._generation}")
+            old = f"{_CONTEXT_PREFIX}{self._generation}"
+            self._retired.add(old)
+            if not self._open_pages[old]:  # its pages all done already
+                self._open_pages[old] += 1  # _page_done takes it back
+                asyncio.get_running_loop().create_task(self._page_done(old))
             self._generation += 1
             self._assigned = 0
         self._assigned += 1
@@ -221,6 +248,8 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         wrapper = self.context_wrappers.get(name)
         if wrapper is None:
             return  # never opened, or gone with a dead browser
+        if wrapper in self._wrappers:
+            self._wrappers.remove(wrapper)
         with contextlib.suppress(PlaywrightError):
             await wrapper.context.close()
         assert self._speedup_crawler.stats is not None
@@ -240,8 +269,28 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             if browser is None or browser.is_connected() or id(browser) in self._restarted:
                 return
             self._restarted.add(id(browser))
-            self.context_wrappers.clear()
+            self._unblock_dead_contexts()
             del self.browser
+
+    async def _browser_disconnected_callback(self) -> None:
+        browser = getattr(self, "browser", None)
+        if browser is not None and browser.is_connected():
+            # The news of a browser already replaced (_forget_dead_browser):
+            # scrapy-playwright would close the new one's contexts.
+            return
+        self._unblock_dead_contexts()
+        await super()._browser_disconnected_callback()
+
+    def _unblock_dead_contexts(self) -> None:
+        """A dead browser's pages never emit "close", so their places in their
+        context's page limit are never given back, and a request waiting for
+        one would wait forever: let the waiters through, to fail on the dead
+        context and be rendered again in the new browser."""
+        wrappers, self._wrappers = self._wrappers, []
+        self.context_wrappers.clear()
+        for wrapper in wrappers:
+            for _ in range(self.config.max_pages_per_context):
+                wrapper.semaphore.release()
 
     # -- the gate and the RSS, every second -----------------------------------
 

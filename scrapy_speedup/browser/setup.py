@@ -91,9 +91,10 @@ def configure_browser(settings: BaseSettings, config: SpeedupConfig) -> None:
                      ResourceBlocker(config.browser_blocked_resource_types), priority="addon")
     settings.set("PLAYWRIGHT_DEFAULT_NAVIGATION_TIMEOUT",
                  config.browser_timeout_seconds * 1000, priority="addon")
-    # The handler's own gate holds the pages open at once (adapted to the
-    # machine's load); scrapy-playwright's per-context limit is its ceiling.
-    settings.set("PLAYWRIGHT_MAX_PAGES_PER_CONTEXT", config.browser_max_pages, priority="addon")
+    # The pages open at once are held by the handler's own gate (adapted to
+    # the machine's load), below scrapy-playwright's per-context limit
+    # (CONCURRENT_REQUESTS by default), which only pages kept open by the
+    # project's callbacks (playwright_include_page) reach.
     if config.browser_router_enabled:
         from scrapy_speedup.browser.router import (
             BrowserRouterDownloaderMiddleware,
