@@ -498,8 +498,8 @@ def _browser_check(settings: BaseSettings) -> str | Callable[[Any], bool] | None
 
 def _resource_types(settings: BaseSettings) -> tuple[str, ...]:
     name = "SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES"
-    value = settings.get(name)
-    if value is None:
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
         return ("image", "media", "font")
     must = f"a list of Playwright resource types, from {sorted(_RESOURCE_TYPES)}"
     if isinstance(value, str):
@@ -509,7 +509,7 @@ def _resource_types(settings: BaseSettings) -> tuple[str, ...]:
                 value = json.loads(text)
             except ValueError:
                 raise _error(name, value, f"{must}; this is not valid JSON") from None
-        else:  # "image,font"; "" blocks nothing
+        else:  # "image,font"
             value = [part.strip() for part in text.split(",") if part.strip()]
     if not isinstance(value, (list, tuple, set, frozenset)) or not all(
         isinstance(t, str) for t in value

@@ -5,7 +5,6 @@ lost, Ctrl-C leaving no Chromium behind, the gate on open pages."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from scrapy_speedup.browser.handler import _PageGate
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items
 from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
 from tests.conftest import Crawl, DemoSite
-from tests.inprocess import CrawlRun, crawl, inprocess, listening, reactor
+from tests.inprocess import CrawlRun, crawl, inprocess, listening
 
 BROWSER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ENABLED": True}
 ALL_BROWSER = {"playwright": True}
@@ -63,14 +62,20 @@ class _HangsOnce(ShopResource):
         return super().render_GET(request)
 
 
+@pytest.mark.parametrize("timeouts", [
+    {"SPEEDUP_BROWSER_TIMEOUT_SECONDS": 1},
+    # Playwright's navigation timeout first: its TimeoutError, which
+    # RetryMiddleware would not retry, becomes a DownloadTimeoutError.
+    {"SPEEDUP_BROWSER_TIMEOUT_SECONDS": 10, "PLAYWRIGHT_DEFAULT_NAVIGATION_TIMEOUT": 1000},
+], ids=["ours", "navigation"])
 @inprocess
-async def test_a_page_past_its_timeout_is_closed_and_retried() -> None:
+async def test_a_page_past_its_timeout_is_closed_and_retried(timeouts: dict[str, Any]) -> None:
     shop = _HangsOnce(products=20, latency_s=0)
     with listening(shop) as url:
         # One page at a time: a page left open would hold the only place, and
         # the crawl would hang instead of finishing.
-        run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_TIMEOUT_SECONDS": 1,
-                                       "SPEEDUP_BROWSER_MAX_PAGES": 1, "RETRY_TIMES": 1},
+        run = await crawl(ShopSpider, {**BROWSER, **timeouts, "SPEEDUP_BROWSER_MAX_PAGES": 1,
+                                       "RETRY_TIMES": 1},
                           url=url, meta=ALL_BROWSER, timeout=60)
     assert run.finish_reason == "finished"
     assert by_path(run) == expected_items(20)

@@ -291,16 +291,7 @@ class BrowserRouterSpiderMiddleware:
             for output in plain:
                 yield output
             return
-        browser: list[Any] = []
-        browser_error: Exception | None = None
-        try:
-            output = await engine.scraper.call_spider_async(twin, twin_request)
-            if hasattr(output, "__aiter__"):
-                browser = [o async for o in output]
-            else:
-                browser = list(output)
-        except Exception as exc:  # noqa: BLE001 - weighed below
-            browser_error = exc
+        browser, browser_error = await self._callback_output(twin, twin_request)
         kind.sample_ended()  # held until now: a new sample must not start meanwhile
         if browser_error is not None:
             router.stats.inc_value(_STAT + "sample_error_count")
@@ -331,6 +322,20 @@ class BrowserRouterSpiderMiddleware:
         router.learn(kind, same, why)
         for output in plain if same else browser:
             yield output
+
+
+    async def _callback_output(
+        self, response: Response, request: Request
+    ) -> tuple[list[Any], Exception | None]:
+        """The callback's output on *response*, called as Scrapy calls it."""
+        assert self.crawler.engine is not None
+        try:
+            output = await self.crawler.engine.scraper.call_spider_async(response, request)
+            if hasattr(output, "__aiter__"):
+                return [o async for o in output], None
+            return list(output), None
+        except Exception as exc:  # noqa: BLE001 - the caller weighs it
+            return [], exc
 
 
 def _normal(value: Any) -> Any:
