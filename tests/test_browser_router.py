@@ -55,12 +55,12 @@ async def test_router_learns_which_kinds_need_the_browser(
     assert s("scheduler/enqueued") == 105
     assert s("speedup/browser/http_count") + s("speedup/browser/browser_count") == 105
     assert s("speedup/browser/sample_count") >= 3 * 2  # listing and item kinds, 3 each
-    # The 10 scripted products went to the browser; of the static pages, only
-    # those asked for while their kind was undecided (its 3 samples in flight:
-    # the browser is right whatever the kind needs), at most the 8 in flight
-    # for each of the two static kinds.
-    assert s("speedup/browser/browser_count") <= 10 + 2 * 8
+    # The 10 scripted products went to the browser (or were sampled), no
+    # static page did: while a kind's samples were out, its other pages waited.
+    assert s("speedup/browser/browser_count") <= 10
     assert shop.served["item"] == 90 + 3  # each of the 3 samples fetched twice
+    assert s("playwright/page_count") == s("speedup/browser/browser_count") + s(
+        "speedup/browser/sample_count")
     assert s("speedup/browser/mispredict_count") == 0
     text = table(caplog)
     assert "plain HTTP" in decision_line(text, "/shop/item/{n}.html parse_product")

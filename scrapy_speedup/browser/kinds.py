@@ -17,6 +17,7 @@ row as the samples turn a browser kind back into a plain one.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -28,8 +29,9 @@ from urllib.parse import parse_qsl, urlsplit
 __all__ = ["Kind", "KindKey", "Route", "url_pattern"]
 
 #: How the router fetches a page: plain HTTP, the browser, or both (a sample;
-#: with a user check, a "probe" is a plain fetch of a browser kind, checked).
-Route = Literal["http", "browser", "sample", "probe"]
+#: with a user check, a "probe" is a plain fetch of a browser kind, checked);
+#: or not yet: "wait" for a sample of its kind to end.
+Route = Literal["http", "browser", "sample", "probe", "wait"]
 KindKey = tuple[str, str, str]
 
 _DIGITS = re.compile(r"\d+")
@@ -72,6 +74,7 @@ class Kind:
     samples: int = 0
     mispredictions: int = 0
     _in_flight: deque[float] = field(default_factory=deque)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def route(self, checked: bool) -> Route:
         """How to fetch the next page of this kind. *checked*: a user check
@@ -85,9 +88,10 @@ class Kind:
             if self.agreeing + len(self._in_flight) < self.samples_needed:
                 self._in_flight.append(now)
                 return "sample"
-            # Until the samples are in, the browser: always right, and
-            # nothing to fetch twice.
-            return "browser"
+            # Until the samples are in, the kind's other pages wait: sent to
+            # the browser they would be right, but cost a rendering each, most
+            # of them for kinds that turn out plain (docs/benchmarks.rst).
+            return "wait"
         self.since_check += 1
         if self.recheck_share > 0 and self.since_check >= math.ceil(1 / self.recheck_share):
             self.since_check = 0
@@ -100,6 +104,19 @@ class Kind:
     def sample_ended(self) -> None:
         if self._in_flight:
             self._in_flight.popleft()
+        self._wake()  # a decision, or a place for another sample
+
+    def decided(self) -> asyncio.Future[None]:
+        """Done when a sample of this kind ends."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        return future
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
 
     def learn(self, same: bool, why: str) -> str | None:
         """A sample's or check's result: *same* when plain HTTP was enough.

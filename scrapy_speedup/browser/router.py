@@ -32,6 +32,7 @@ on both, the plain exception goes on to Scrapy as if there were no router.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -152,7 +153,7 @@ class BrowserRouterDownloaderMiddleware:
     def from_crawler(cls, crawler: Crawler) -> Self:
         return cls(crawler)
 
-    def process_request(self, request: Request) -> None:
+    async def process_request(self, request: Request) -> None:
         meta = request.meta
         route = meta.get(ROUTE_KEY)
         if route is None and "playwright" in meta:
@@ -167,6 +168,13 @@ class BrowserRouterDownloaderMiddleware:
         key = kind_key(request)
         kind = router.kind(key)
         new: Route = kind.route(checked=router.check is not None)
+        while new == "wait":
+            try:
+                await asyncio.wait_for(kind.decided(), kind.sample_expiry_s)
+            except TimeoutError:
+                new = "browser"  # no sample came back: the browser is always right
+                break
+            new = kind.route(checked=router.check is not None)
         meta[ROUTE_KEY] = new
         meta[_KIND_KEY] = list(key)
         meta["playwright"] = new == "browser"
