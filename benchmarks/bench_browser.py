@@ -254,7 +254,7 @@ def memory(products: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--products", type=int, default=400)
+    parser.add_argument("--products", type=int, default=300)
     parser.add_argument("--memory-products", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="1 round, 100 and 300 products")
     args = parser.parse_args()
