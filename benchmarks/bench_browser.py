@@ -24,8 +24,8 @@ b. **Browser memory**: a 2,000-product all-browser crawl (2,100 pages); the
 
 Results go to benchmarks/results/browser.json.
 
-    .venv/bin/python benchmarks/bench_browser.py [--rounds 2] [--products 400]
-        [--memory-products 2000] [--quick]
+    .venv/bin/python benchmarks/bench_browser.py [--rounds 2] [--products 300]
+        [--memory-products 2000] [--quick] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -257,11 +257,16 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=300)
     parser.add_argument("--memory-products", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="1 round, 100 and 300 products")
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="part a only (results in browser-throughput-<products>.json)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.products, args.memory_products = 1, 100, 300
     print(f"a. pages/s, {args.products} products, {args.rounds} rounds", flush=True)
     results = {"throughput": throughput(args.products, args.rounds)}
+    if args.skip_memory:
+        write_results(f"browser-throughput-{args.products}", results)
+        return
     print(f"b. browser memory, all-browser crawl of {args.memory_products} products", flush=True)
     results["memory"] = memory(args.memory_products)
     write_results("browser", results)

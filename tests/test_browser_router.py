@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from scrapy import signals
 from scrapy.http import Response
 
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items
@@ -140,15 +141,13 @@ async def test_router_changes_its_mind_when_the_site_changes(
         if len(seen) == 40:
             shop.scripted_items = True  # item pages now need the browser
 
-    from scrapy import signals
-
-    def during_(crawler: Any) -> None:
+    def during(crawler: Any) -> None:
         crawler.signals.connect(on_item, signal=signals.item_scraped)
 
     with listening(shop) as url:
         run = await crawl(ShopSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0.2,
                                        "CONCURRENT_REQUESTS": 4},
-                          url=url, lists=6, during=during_)
+                          url=url, lists=6, during=during)
     assert run.finish_reason == "finished"
     assert len(run.items) == 120
     changes = [r.getMessage() for r in caplog.records if "changed its mind" in r.getMessage()]
