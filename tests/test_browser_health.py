@@ -198,3 +198,25 @@ async def test_page_gate_holds_its_limit_as_it_changes() -> None:
         await asyncio.sleep(0)
         gate.release()
         assert gate.in_use == 0 and gate.waiting == 0
+
+
+class _PageHoldingSpider(ShopSpider):
+    """Its callback uses the page after the download, then closes it."""
+
+    async def parse_product(self, response: Any) -> Any:  # type: ignore[override]
+        page = response.meta["playwright_page"]
+        title = await page.title()  # fails if recycling closed its context
+        await page.close()
+        yield {"url": response.url, "title": title}
+
+
+@inprocess
+async def test_pages_held_by_callbacks_are_not_recycled_under_them() -> None:
+    shop = ShopResource(products=20, latency_s=0)
+    with listening(shop) as url:
+        run = await crawl(_PageHoldingSpider, {**BROWSER, "SPEEDUP_BROWSER_CONTEXT_MAX_PAGES": 1},
+                          url=url, meta={"playwright": True, "playwright_include_page": True})
+    assert run.finish_reason == "finished"
+    assert run.spider_errors == []
+    assert sorted(item["title"] for item in run.items) == sorted(
+        f"Product {i}" for i in range(20))

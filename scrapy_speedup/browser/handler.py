@@ -9,7 +9,8 @@ What it adds to :class:`ScrapyPlaywrightDownloadHandler`, for requests with
   to a context named ``speedup-<n>``; after ``SPEEDUP_BROWSER_CONTEXT_MAX_PAGES``
   pages the next context takes over, and the old one is closed as soon as its
   last page is done. A request whose ``playwright_context`` the project chose
-  keeps it.
+  keeps it; one with ``playwright_include_page`` (its callback holds the page)
+  goes to scrapy-playwright's default context, never recycled.
 * **Open pages adapted to the machine.** A gate holds how many pages render at
   once: at most ``SPEEDUP_BROWSER_MAX_PAGES``, a quarter fewer each second
   while the reactor doctor sees the reactor busy or memory is short, one more
@@ -223,6 +224,10 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
     def _choose_context(self, request: Request) -> str | None:
         """The recycled context for this page, or None when the project chose one."""
         if request.meta.get("playwright_context") and not request.meta.get(CONTEXT_CHOSEN_KEY):
+            return None
+        if request.meta.get("playwright_include_page"):
+            # The callback holds the page: its context must outlive the
+            # download, so it is not one that recycling may close.
             return None
         if self._assigned >= self.context_max_pages:
             old = f"{_CONTEXT_PREFIX}{self._generation}"
