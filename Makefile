@@ -11,12 +11,15 @@ STAMP := $(VENV)/.installed
 POSTGRES_INITDB := $(wildcard /usr/lib/postgresql/*/bin/initdb)
 # The Redis frontier's tests start a real redis-server: Debian's, likewise.
 REDIS_SERVER := $(shell command -v redis-server)
+# The browser tests render pages in a real Chromium: Debian's (Playwright's
+# own download is not reachable from every machine), installed here too.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,dask,redis]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,dask,redis,playwright]"
 	touch $(STAMP)
 
 ## make demo: the example crawl on the bundled local site, without and with scrapy-speedup
@@ -37,6 +40,10 @@ ifeq ($(REDIS_SERVER),)
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends redis-server
 endif
+ifeq ($(CHROMIUM),)
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium
+endif
 
 lint: $(STAMP)
 	$(BIN)/ruff check scrapy_speedup tests benchmarks example_project
@@ -53,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_concurrency.py
 	$(BIN)/python benchmarks/bench_doctor.py
 	$(BIN)/python benchmarks/bench_crawl_processes.py
+	$(BIN)/python benchmarks/bench_browser.py
 
 clean:
 	rm -rf $(VENV) docs/_build benchmarks/results *.egg-info

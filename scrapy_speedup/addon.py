@@ -122,6 +122,10 @@ class Addon:
             settings.set_in_component_priority_dict(
                 "DOWNLOADER_MIDDLEWARES", AdaptiveConcurrencyMiddleware, 580
             )
+        if config.browser_enabled:
+            from scrapy_speedup.browser.setup import configure_browser
+
+            configure_browser(settings, config)
         if config.process_enabled:
             from scrapy_speedup.process.backpressure import StartBackpressure
 

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENGINE_INDEX_SETTING", "DaskSettings", "SpeedupConfig", "SpeedupSettingsError",
-    "default_start_method",
+    "default_start_method", "find_browser_executable",
 ]
 
 #: Offloading a call costs the crawl's process ~55 us alone and ~0.2-0.4 ms in a
@@ -472,6 +473,19 @@ class SpeedupConfig:
     #: Set by scrapy-speedup in the settings of each engine process (its
     #: index, from 0); None in the process the user started.
     engine_index: int | None
+    browser_router_enabled: bool = False
+    #: The browser half (scrapy-playwright's handler, kept healthy) is on:
+    #: the router needs it; a crawl that marks pages by hand can turn it on.
+    browser_enabled: bool = False
+    browser_executable: str | None = None
+    #: The user check: a CSS selector (str) or a function (response) -> bool.
+    browser_check: str | Callable[[Any], bool] | None = None
+    browser_samples: int = 3
+    browser_recheck_share: float = 0.02
+    browser_blocked_resource_types: tuple[str, ...] = ("image", "media", "font")
+    browser_context_max_pages: int = 100
+    browser_timeout_seconds: float = 30.0
+    browser_max_pages: int = 4
 
     @property
     def coordinates(self) -> bool:
@@ -578,5 +592,122 @@ class SpeedupConfig:
                 settings, "SPEEDUP_CRAWL_START_TIMEOUT_SECONDS", 120.0
             ),
             "engine_index": _int(settings, ENGINE_INDEX_SETTING, None, minimum=0),
+            **_browser(settings),
         }
         return cls(**values)
+
+
+#: Playwright's resource types (playwright.dev/python/docs/api/class-request
+#: #request-resource-type). "document" is the page itself: blocking it would
+#: block every page.
+_RESOURCE_TYPES = frozenset({
+    "stylesheet", "image", "media", "font", "script", "texttrack", "xhr", "fetch",
+    "eventsource", "websocket", "manifest", "other",
+})
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def _browser_check(settings: BaseSettings) -> str | Callable[[Any], bool] | None:
+    """A CSS selector, or a function (response) -> bool given as an object or
+    as a dotted path. "div.price" is both a selector and a dotted path: it is
+    a function only when it imports as one."""
+    name = "SPEEDUP_BROWSER_CHECK"
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
+        return None
+    if callable(value):
+        return value  # type: ignore[no-any-return]
+    if not isinstance(value, str):
+        raise _error(name, value, "a CSS selector or the import path of a function"
+                                  " (response) -> bool")
+    text = value.strip()
+    if _DOTTED.fullmatch(text):
+        from scrapy.utils.misc import load_object
+
+        try:
+            func = load_object(text)
+        except (ImportError, NameError, ValueError, AttributeError):
+            func = None  # a selector such as "div.price"
+        if func is not None:
+            if not callable(func):
+                raise _error(name, value, "a CSS selector or the import path of a function"
+                                          f" (response) -> bool; {text} is not callable")
+            return func  # type: ignore[no-any-return]
+    from cssselect import GenericTranslator, SelectorError
+
+    try:
+        GenericTranslator().css_to_xpath(text)
+    except SelectorError as exc:
+        raise _error(name, value, "a CSS selector or the import path of a function"
+                                  f" (response) -> bool; as a selector: {exc}") from None
+    return text
+
+
+def _resource_types(settings: BaseSettings) -> tuple[str, ...]:
+    name = "SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES"
+    value = _raw(settings, name)
+    if value is _NOT_GIVEN:
+        return ("image", "media", "font")
+    must = f"a list of Playwright resource types, from {sorted(_RESOURCE_TYPES)}"
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise _error(name, value, f"{must}; this is not valid JSON") from None
+        else:  # "image,font"
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(t, str) for t in value
+    ):
+        raise _error(name, value, must)
+    types = tuple(dict.fromkeys(t.strip().lower() for t in value))
+    wrong = [t for t in types if t not in _RESOURCE_TYPES]
+    if wrong:
+        raise _error(name, settings.get(name), f"{must}; not {', '.join(wrong)}")
+    return types
+
+
+def find_browser_executable(given: str | None) -> str | None:
+    """The Chromium to launch: the one given, else chromium or chromium-browser
+    on PATH (Debian's and Ubuntu's package names)."""
+    import shutil
+
+    if given:
+        return shutil.which(given) or (given if os.access(given, os.X_OK) else None)
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _browser(settings: BaseSettings) -> dict[str, Any]:
+    router = _bool(settings, "SPEEDUP_BROWSER_ROUTER_ENABLED", False)
+    enabled = _bool(settings, "SPEEDUP_BROWSER_ENABLED", False) or router
+    executable = _str(settings, "SPEEDUP_BROWSER_EXECUTABLE", None)
+    if executable is not None and find_browser_executable(executable) is None:
+        raise _error("SPEEDUP_BROWSER_EXECUTABLE", executable,
+                     "the path or the name on PATH of a Chromium executable; none is there")
+    cores = os.cpu_count() or 1
+    return {
+        "browser_router_enabled": router,
+        "browser_enabled": enabled,
+        "browser_executable": executable,
+        "browser_check": _browser_check(settings),
+        "browser_samples": _int(settings, "SPEEDUP_BROWSER_SAMPLES", 3, minimum=1,
+                                maximum=1000),
+        # Each re-check of a plain kind renders a page the crawl did not need
+        # rendered: 2% (every 50th page) costs a 10%-JavaScript crawl about
+        # as much as its learning (docs/benchmarks.rst).
+        "browser_recheck_share": _float(settings, "SPEEDUP_BROWSER_RECHECK_SHARE", 0.02,
+                                        allow_zero=True, maximum=1.0),
+        "browser_blocked_resource_types": _resource_types(settings),
+        # Playwright keeps every request and response of a context until the
+        # context closes (microsoft/playwright#6319): a context per 100 pages
+        # keeps a long crawl's browser memory flat (docs/usage/browser.rst).
+        "browser_context_max_pages": _int(settings, "SPEEDUP_BROWSER_CONTEXT_MAX_PAGES", 100,
+                                          minimum=1),
+        "browser_timeout_seconds": _float(settings, "SPEEDUP_BROWSER_TIMEOUT_SECONDS", 30.0),
+        # A rendering page keeps about a core busy while its scripts run; more
+        # pages than twice the cores only queue inside the browser (#59).
+        "browser_max_pages": _int(settings, "SPEEDUP_BROWSER_MAX_PAGES", 2 * cores, minimum=1,
+                                  maximum=1000),
+    }

@@ -39,6 +39,24 @@ def test_defaults() -> None:
     assert c.thread_max_stuck == c.thread_workers == 32
 
 
+def test_browser_settings() -> None:
+    c = config()
+    assert not c.browser_router_enabled and not c.browser_enabled
+    assert c.browser_blocked_resource_types == ("image", "media", "font")
+    assert (c.browser_samples, c.browser_recheck_share) == (3, 0.02)
+    assert c.browser_context_max_pages == 100 and c.browser_timeout_seconds == 30
+    assert config(SPEEDUP_BROWSER_ROUTER_ENABLED="true").browser_enabled  # the router needs it
+    c = config(SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES="Image, font,image",
+               SPEEDUP_BROWSER_CHECK="div.price", SPEEDUP_BROWSER_RECHECK_SHARE="0")
+    assert c.browser_blocked_resource_types == ("image", "font")
+    assert c.browser_check == "div.price"  # a selector: "div" does not import
+    assert c.browser_recheck_share == 0
+    assert config(SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES="").browser_blocked_resource_types \
+        == ("image", "media", "font")  # -s NAME= : the default, as for every setting
+    assert config(SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES=[]).browser_blocked_resource_types == ()
+    assert config(SPEEDUP_BROWSER_CHECK="os.path.exists").browser_check is os.path.exists
+
+
 def test_values_from_command_line_strings() -> None:
     c = config(
         SPEEDUP_PROCESS_WORKERS="3",
@@ -108,6 +126,25 @@ def test_values_from_command_line_strings() -> None:
         ({"SPEEDUP_CRAWL_PIPELINES": "{not json"}, r"SPEEDUP_CRAWL_PIPELINES .* not valid JSON"),
         ({"SPEEDUP_CRAWL_PIPELINES": {"a.B": "x"}}, r"gives 'a.B' the order 'x'"),
         ({"SPEEDUP_CRAWL_PIPELINES": 5}, r"SPEEDUP_CRAWL_PIPELINES \(5\) must be a dict"),
+        ({"SPEEDUP_BROWSER_CHECK": "div[[["}, r"SPEEDUP_BROWSER_CHECK \('div\[\[\['\) must be a CSS"
+                                           r" selector or .*; as a selector: Expected"),
+        ({"SPEEDUP_BROWSER_CHECK": "os.sep"}, r"SPEEDUP_BROWSER_CHECK .* os.sep is not callable"),
+        ({"SPEEDUP_BROWSER_CHECK": 5}, r"SPEEDUP_BROWSER_CHECK \(5\) must be a CSS selector"),
+        ({"SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES": ["image", "document"]},
+         r"SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES .* must be a list of Playwright resource"
+         r" types, from .*; not document"),
+        ({"SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES": "[image"}, r"RESOURCE_TYPES .* not valid JSON"),
+        ({"SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES": 3}, r"RESOURCE_TYPES \(3\) must be a list"),
+        ({"SPEEDUP_BROWSER_RECHECK_SHARE": 1.5}, r"RECHECK_SHARE \(1.5\) must be at most 1"),
+        ({"SPEEDUP_BROWSER_RECHECK_SHARE": -0.1}, r"RECHECK_SHARE \(-0.1\) must be 0 or more"),
+        ({"SPEEDUP_BROWSER_SAMPLES": 0}, r"SPEEDUP_BROWSER_SAMPLES \(0\) must be 1 or more"),
+        ({"SPEEDUP_BROWSER_CONTEXT_MAX_PAGES": "many"}, r"CONTEXT_MAX_PAGES .* an integer"),
+        ({"SPEEDUP_BROWSER_TIMEOUT_SECONDS": 0}, r"BROWSER_TIMEOUT_SECONDS \(0\) must be more"),
+        ({"SPEEDUP_BROWSER_MAX_PAGES": 0}, r"SPEEDUP_BROWSER_MAX_PAGES \(0\) must be 1 or more"),
+        ({"SPEEDUP_BROWSER_ROUTER_ENABLED": "yes"}, r"ROUTER_ENABLED \('yes'\) must be True"),
+        ({"SPEEDUP_BROWSER_EXECUTABLE": "/no/such/chromium"},
+         r"SPEEDUP_BROWSER_EXECUTABLE \('/no/such/chromium'\) must be the path or the name on"
+         r" PATH of a Chromium executable"),
     ],
 )
 def test_bad_values_are_named(values: dict[str, object], message: str) -> None:

@@ -1,7 +1,7 @@
 BOT_NAME = "testproj"
 SPIDER_MODULES = [
     "testproj.spiders", "testproj.spiders_blocking", "testproj.spiders_doctor",
-    "testproj.spiders_crawl", "testproj.spiders_hostile",
+    "testproj.spiders_crawl", "testproj.spiders_hostile", "testproj.spiders_browser",
 ]
 ROBOTSTXT_OBEY = False
 LOG_LEVEL = "INFO"

@@ -1,0 +1,366 @@
+"""scrapy-playwright's download handler, kept healthy over a long crawl.
+
+What it adds to :class:`ScrapyPlaywrightDownloadHandler`, for requests with
+``meta["playwright"]``:
+
+* **Contexts recycled.** Playwright keeps every request and response of a
+  context until the context closes (microsoft/playwright#6319), so one context
+  for a whole crawl grows without bound (scrapy-playwright#126, #240). Pages go
+  to a context named ``speedup-<n>``; after ``SPEEDUP_BROWSER_CONTEXT_MAX_PAGES``
+  pages the next context takes over, and the old one is closed as soon as its
+  last page is done. A request whose ``playwright_context`` the project chose
+  keeps it; one with ``playwright_include_page`` (its callback holds the page)
+  goes to scrapy-playwright's default context, never recycled.
+* **Open pages adapted to the machine.** A gate holds how many pages render at
+  once: at most ``SPEEDUP_BROWSER_MAX_PAGES``, a quarter fewer each second
+  while the reactor doctor sees the reactor busy or memory is short, one more
+  each second while pages wait and the machine is not (#59).
+* **A timeout on every browser operation**: the navigation and every page
+  operation (Playwright's default timeouts), and the whole of a page's
+  rendering, page methods included: past ``SPEEDUP_BROWSER_TIMEOUT_SECONDS``
+  the page is closed and the download fails with ``DownloadTimeoutError``,
+  which ``RetryMiddleware`` retries. A page is never left open to hold its
+  context's page limit (#6, #133, #266).
+* **A crashed browser restarted.** When Chromium dies, the pages it was
+  rendering fail; the handler launches a new browser and renders them again
+  (up to 3 times a page), so none is lost.
+* **Stats**: time in the browser per page, the browser's RSS, contexts
+  recycled, restarts, timeouts (docs/reference/stats.rst).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Any
+
+from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
+from scrapy import signals
+from scrapy.exceptions import DownloadTimeoutError
+from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
+
+from scrapy_speedup.config import SpeedupConfig
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+    from scrapy.http import Request, Response
+
+__all__ = ["SpeedupPlaywrightHandler"]
+
+logger = logging.getLogger(__name__)
+
+_STAT = "speedup/browser/"
+#: Set in a request's meta when the handler chose its context: a retry of it
+#: then gets the context of the moment, not a recycled one.
+CONTEXT_CHOSEN_KEY = "_speedup_browser_context"
+_CONTEXT_PREFIX = "speedup-"
+# How often the gate and the RSS are looked at: often enough to follow a
+# crawl's load, rarely enough that reading /proc costs nothing.
+_TICK_S = 1.0
+# Memory is short when less than this share of the machine's is available.
+_LOW_MEMORY_SHARE = 0.1
+# Renders of one page after its browser died, before the page fails.
+_CRASH_RETRIES = 3
+# Time for Chromium to start, on top of a page's timeout: ~1 s on an idle
+# machine, several on a loaded one.
+_LAUNCH_S = 30.0
+
+
+class _PageGate:
+    """An asyncio semaphore whose size can change."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self.in_use < self.limit and not self._waiters:
+            self.in_use += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future  # the releaser counted us in
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # counted in, and cancelled before running
+            else:
+                self._waiters.remove(future)
+            raise
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_use < self.limit:
+            future = self._waiters.popleft()
+            if not future.done():
+                self.in_use += 1
+                future.set_result(None)
+
+
+class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore[misc]
+    """Set by the add-on for http and https when the browser is on."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        super().__init__(crawler)
+        config = SpeedupConfig.of(crawler)
+        self._speedup_crawler = crawler
+        self.timeout_s = config.browser_timeout_seconds
+        self.context_max_pages = config.browser_context_max_pages
+        self.max_pages = config.browser_max_pages
+        self.gate = _PageGate(self.max_pages)
+        self._generation = 0
+        self._assigned = 0  # pages given to the current context
+        self._open_pages: Counter[str] = Counter()
+        self._retired: set[str] = set()
+        self._launched = 0
+        self._restarted: set[int] = set()  # ids of the dead browsers replaced
+        self._ticker: asyncio.Task[None] | None = None
+        # The contexts of the running browser, also those scrapy-playwright
+        # has already forgotten (it drops a context when its "close" event
+        # comes, which a dying browser sends before "disconnected").
+        self._wrappers: list[Any] = []
+        crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
+        crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
+
+    # -- the download ---------------------------------------------------------
+
+    async def download_request(self, request: Request) -> Response:  # type: ignore[override]
+        if not request.meta.get("playwright"):
+            return await super().download_request(request)  # type: ignore[no-any-return]
+        stats = self._speedup_crawler.stats
+        assert stats is not None
+        await self.gate.acquire()
+        started = time.monotonic()
+        try:
+            for attempt in range(_CRASH_RETRIES + 1):
+                name = self._choose_context(request)
+                try:
+                    # The page's own timeout (below) covers its rendering; this
+                    # one the rest: a browser that does not start, a page that
+                    # cannot be opened in a context of a browser that died.
+                    async with asyncio.timeout(2 * self.timeout_s + _LAUNCH_S):
+                        return await super().download_request(  # type: ignore[no-any-return]
+                            request
+                        )
+                except TimeoutError:
+                    stats.inc_value(_STAT + "timeout_count")
+                    raise DownloadTimeoutError(
+                        f"the browser took more than {2 * self.timeout_s + _LAUNCH_S:g} s to"
+                        f" open a page for {request.url} (SPEEDUP_BROWSER_TIMEOUT_SECONDS)"
+                    ) from None
+                except PlaywrightError:
+                    if attempt == _CRASH_RETRIES or not self._browser_died():
+                        raise
+                    logger.warning("scrapy-speedup: the browser died while rendering %s;"
+                                   " restarting it and rendering the page again", request.url,
+                                   extra={"crawler": self._speedup_crawler})
+                    await self._forget_dead_browser()
+                finally:
+                    if name is not None:
+                        await self._page_done(name)
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self.gate.release()
+            elapsed_ms = (time.monotonic() - started) * 1000
+            stats.inc_value(_STAT + "page_ms_total", round(elapsed_ms))
+            stats.max_value(_STAT + "page_ms_max", round(elapsed_ms))
+            stats.inc_value(_STAT + "rendered_count")
+
+    async def _download_request_with_page(
+        self, request: Request, page: Any, spider: Any
+    ) -> Response:
+        # Inside scrapy-playwright's try: on the timeout it closes the page,
+        # which frees the page's place in its context (#6, #133).
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await super()._download_request_with_page(  # type: ignore[no-any-return]
+                    request, page, spider
+                )
+        except (TimeoutError, PlaywrightTimeoutError):
+            # Playwright's own (the navigation's) too: as DownloadTimeoutError,
+            # RetryMiddleware retries it; Playwright's it would not.
+            assert self._speedup_crawler.stats is not None
+            self._speedup_crawler.stats.inc_value(_STAT + "timeout_count")
+            raise DownloadTimeoutError(
+                f"the browser took more than {self.timeout_s:g} s"
+                f" (SPEEDUP_BROWSER_TIMEOUT_SECONDS) to render {request.url}"
+            ) from None
+
+    async def _create_browser_context(self, *args: Any, **kwargs: Any) -> Any:
+        wrapper = await super()._create_browser_context(*args, **kwargs)
+        self._wrappers.append(wrapper)
+        # Every page operation (a wait_for_selector among playwright_page_methods,
+        # a click) gets the timeout, not only the navigation.
+        wrapper.context.set_default_timeout(self.timeout_s * 1000)
+        return wrapper
+
+    async def _maybe_launch_browser(self) -> None:
+        had = hasattr(self, "browser")
+        await super()._maybe_launch_browser()
+        if not had and hasattr(self, "browser"):
+            self._launched += 1
+            if self._launched > 1:
+                assert self._speedup_crawler.stats is not None
+                self._speedup_crawler.stats.inc_value(_STAT + "restart_count")
+
+    # -- contexts -------------------------------------------------------------
+
+    def _choose_context(self, request: Request) -> str | None:
+        """The recycled context for this page, or None when the project chose one."""
+        if request.meta.get("playwright_context") and not request.meta.get(CONTEXT_CHOSEN_KEY):
+            return None
+        if request.meta.get("playwright_include_page"):
+            # The callback holds the page: its context must outlive the
+            # download, so it is not one that recycling may close.
+            return None
+        if self._assigned >= self.context_max_pages:
+            old = f"{_CONTEXT_PREFIX}{self._generation}"
+            self._retired.add(old)
+            if not self._open_pages[old]:  # its pages all done already
+                self._open_pages[old] += 1  # _page_done takes it back
+                asyncio.get_running_loop().create_task(self._page_done(old))
+            self._generation += 1
+            self._assigned = 0
+        self._assigned += 1
+        name = f"{_CONTEXT_PREFIX}{self._generation}"
+        request.meta["playwright_context"] = name
+        request.meta[CONTEXT_CHOSEN_KEY] = True
+        self._open_pages[name] += 1
+        return name
+
+    async def _page_done(self, name: str) -> None:
+        self._open_pages[name] -= 1
+        if self._open_pages[name] > 0 or name not in self._retired:
+            return
+        del self._open_pages[name]
+        self._retired.discard(name)
+        wrapper = self.context_wrappers.get(name)
+        if wrapper is None:
+            return  # never opened, or gone with a dead browser
+        if wrapper in self._wrappers:
+            self._wrappers.remove(wrapper)
+        with contextlib.suppress(PlaywrightError):
+            await wrapper.context.close()
+        assert self._speedup_crawler.stats is not None
+        self._speedup_crawler.stats.inc_value(_STAT + "context_recycled_count")
+
+    # -- a dead browser -------------------------------------------------------
+
+    def _browser_died(self) -> bool:
+        browser = getattr(self, "browser", None)
+        return browser is not None and not browser.is_connected()
+
+    async def _forget_dead_browser(self) -> None:
+        """What scrapy-playwright's disconnected callback does, at once: the
+        page must not be rendered again in the dead browser."""
+        async with self.browser_launch_lock:
+            browser = getattr(self, "browser", None)
+            if browser is None or browser.is_connected() or id(browser) in self._restarted:
+                return
+            self._restarted.add(id(browser))
+            self._unblock_dead_contexts()
+            del self.browser
+
+    async def _browser_disconnected_callback(self) -> None:
+        browser = getattr(self, "browser", None)
+        if browser is not None and browser.is_connected():
+            # The news of a browser already replaced (_forget_dead_browser):
+            # scrapy-playwright would close the new one's contexts.
+            return
+        self._unblock_dead_contexts()
+        await super()._browser_disconnected_callback()
+
+    def _unblock_dead_contexts(self) -> None:
+        """A dead browser's pages never emit "close", so their places in their
+        context's page limit are never given back, and a request waiting for
+        one would wait forever: let the waiters through, to fail on the dead
+        context and be rendered again in the new browser."""
+        wrappers, self._wrappers = self._wrappers, []
+        self.context_wrappers.clear()
+        for wrapper in wrappers:
+            for _ in range(self.config.max_pages_per_context):
+                wrapper.semaphore.release()
+
+    # -- the gate and the RSS, every second -----------------------------------
+
+    def _spider_opened(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    def _spider_closed(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    async def _tick_forever(self) -> None:
+        import psutil
+
+        while True:
+            await asyncio.sleep(_TICK_S)
+            try:
+                self._tick(psutil)
+            except Exception:  # a tick must never end the ticking
+                logger.exception("scrapy-speedup: browser health tick failed",
+                                 extra={"crawler": self._speedup_crawler})
+
+    def _tick(self, psutil: Any) -> None:
+        stats = self._speedup_crawler.stats
+        assert stats is not None
+        rss = self.browser_rss_bytes(psutil)
+        if rss:
+            stats.max_value(_STAT + "rss_max_mb", round(rss / 2**20))
+        busy = self._busy(psutil)
+        limit = self.gate.limit
+        if busy:
+            limit = max(1, limit - max(1, limit // 4))
+        elif self.gate.waiting:
+            limit = min(self.max_pages, limit + 1)
+        if limit != self.gate.limit:
+            logger.debug("scrapy-speedup: browser pages at once %d -> %d%s", self.gate.limit,
+                         limit, f" ({busy})" if busy else "",
+                         extra={"crawler": self._speedup_crawler})
+            self.gate.resize(limit)
+        stats.min_value(_STAT + "pages_limit_min", limit)
+
+    def _busy(self, psutil: Any) -> str:
+        memory = psutil.virtual_memory()
+        if memory.available < _LOW_MEMORY_SHARE * memory.total:
+            return f"memory available {memory.available / 2**20:.0f} MB"
+        from scrapy_speedup.extension import SpeedupExtension
+
+        ext = self._speedup_crawler.get_extension(SpeedupExtension)
+        doctor = ext.doctor if ext is not None else None
+        if doctor is not None:
+            load = doctor.load
+            if load.cpu_share >= 0.9 or load.lag_max_s > doctor.warn_s:
+                return f"reactor CPU {load.cpu_share:.0%}, lag {load.lag_max_s * 1000:.0f} ms"
+        return ""
+
+    def browser_rss_bytes(self, psutil: Any) -> int:
+        """The RSS of Playwright's driver and the browser processes under it."""
+        try:
+            manager = self.browser_provider.playwright_context_manager  # type: ignore[attr-defined]
+            pid = manager._connection._transport._proc.pid
+            root = psutil.Process(pid)
+            total = 0
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += process.memory_info().rss
+            return total
+        except (AttributeError, psutil.Error):
+            return 0  # not launched yet, or a remote browser

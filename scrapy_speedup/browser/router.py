@@ -1,0 +1,390 @@
+"""The browser router: plain HTTP for every page, the browser only for the
+kinds of page that need it (``SPEEDUP_BROWSER_ROUTER_ENABLED``).
+
+Two middlewares share one :class:`BrowserRouter` per crawler:
+
+* :class:`BrowserRouterDownloaderMiddleware` (first of the downloader
+  middlewares, so that a redirect or a retry of a page, which comes back
+  through it, is routed again for its own URL) sets ``meta["playwright"]``
+  from what the kind of the request has learned (:mod:`.kinds`). With a user
+  check (``SPEEDUP_BROWSER_CHECK``) it checks each plain page here, before
+  any callback runs, and replaces one that fails by the browser's rendering
+  of it: one callback call, one result.
+* :class:`BrowserRouterSpiderMiddleware` (closest to the spider) does the
+  sampling: the callback's output on the plain page is held back, the page
+  is fetched again in the browser (``engine.download_async``: through the
+  downloader middlewares, not the scheduler, so neither the dupefilter nor
+  the crawl's request count sees it), the callback runs on that response
+  too, and the two outputs (items, and the requests yielded) are compared.
+  Only one is passed on: the plain one when they are the same, else the
+  browser's. Sampling never duplicates an item or a request.
+
+Left alone: requests whose ``meta`` already has ``"playwright"`` (the
+project decided), and requests without a callback (robots.txt, media
+pipelines' downloads).
+
+When a sample's browser fetch fails, or the callback raises on the browser's
+response only, the plain result is passed on, with a warning, and the sample
+counts for nothing. When the callback raises on the plain response only, the
+browser's result is passed on (the page needed the browser). When it raises
+on both, the plain exception goes on to Scrapy as if there were no router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from itemadapter import ItemAdapter, is_item
+from scrapy import Request, signals
+from scrapy.http import Response, TextResponse
+from scrapy.http.request import NO_CALLBACK
+
+from scrapy_speedup.browser.kinds import Kind, KindKey, Route, url_pattern
+from scrapy_speedup.config import SpeedupConfig
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterable
+    from typing import Self
+
+    from scrapy.crawler import Crawler
+
+__all__ = ["BrowserRouter", "BrowserRouterDownloaderMiddleware", "BrowserRouterSpiderMiddleware"]
+
+logger = logging.getLogger(__name__)
+
+_STAT = "speedup/browser/"
+#: The route the router chose, in the request's meta (a plain string: meta
+#: must stay serialisable for JOBDIR's disk queues).
+ROUTE_KEY = "speedup_browser_route"
+_KIND_KEY = "speedup_browser_kind"
+#: The browser fetch of a sample, and the browser refetch of a page that
+#: failed the check: fetched as they are, not routed again.
+_TWIN = "twin"
+_REFETCH = "refetch"
+_SAMPLED = "_speedup_browser_sampled"
+
+
+class BrowserRouter:
+    """What the router has learned, for one crawler."""
+
+    def __init__(self, crawler: Crawler, config: SpeedupConfig) -> None:
+        self.crawler = crawler
+        self.samples_needed = config.browser_samples
+        self.recheck_share = config.browser_recheck_share
+        self.check = _check_function(config.browser_check)
+        self.check_text = config.browser_check if isinstance(config.browser_check, str) \
+            else getattr(config.browser_check, "__qualname__", repr(config.browser_check))
+        self._expiry_s = 3 * config.browser_timeout_seconds
+        self.kinds: dict[KindKey, Kind] = {}
+        assert crawler.stats is not None
+        self.stats = crawler.stats
+        crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
+
+    @classmethod
+    def of(cls, crawler: Crawler) -> BrowserRouter:
+        router = _routers.get(crawler)
+        if router is None:
+            router = _routers[crawler] = cls(crawler, SpeedupConfig.of(crawler))
+        return router
+
+    def kind(self, key: KindKey) -> Kind:
+        kind = self.kinds.get(key)
+        if kind is None:
+            kind = self.kinds[key] = Kind(key, self.samples_needed, self.recheck_share,
+                                          self._expiry_s)
+        return kind
+
+    def learn(self, kind: Kind, same: bool, why: str) -> None:
+        changed = kind.learn(same, why)
+        if changed:
+            logger.info("scrapy-speedup: browser router changed its mind on %s: %s",
+                        kind.label(), changed, extra={"crawler": self.crawler})
+
+    def spider_closed(self) -> None:
+        if not self.kinds:
+            return
+        rows = [("kind", "decision", "pages", "why")]
+        for kind in sorted(self.kinds.values(), key=lambda k: k.key):
+            decision = {"?": "undecided", "http": "plain HTTP", "browser": "browser"}
+            pages = (f"{kind.http_pages} plain, {kind.browser_pages} browser,"
+                     f" {kind.samples} sampled, {kind.mispredictions} mispredicted")
+            rows.append((kind.label(), decision[kind.decision], pages, kind.why))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+                 + "  " + row[3] for row in rows]
+        logger.info("scrapy-speedup: browser router, by kind of page:\n%s", "\n".join(lines),
+                    extra={"crawler": self.crawler})
+
+
+_routers: weakref.WeakKeyDictionary[Crawler, BrowserRouter] = weakref.WeakKeyDictionary()
+
+
+def _check_function(check: str | Callable[[Any], bool] | None) -> Callable[[Any], bool] | None:
+    if check is None or callable(check):
+        return check
+    selector = check
+
+    def css_matches(response: Any) -> bool:
+        return bool(response.css(selector))
+
+    return css_matches
+
+
+def kind_key(request: Request) -> KindKey:
+    site, pattern = url_pattern(request.url)
+    callback = request.callback
+    name = getattr(callback, "__name__", None) or ("parse" if callback is None else repr(callback))
+    return site, pattern, name
+
+
+def _is_ok(response: Response) -> bool:
+    return 200 <= response.status < 300
+
+
+class BrowserRouterDownloaderMiddleware:
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self.router = BrowserRouter.of(crawler)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    async def process_request(self, request: Request) -> None:
+        meta = request.meta
+        route = meta.get(ROUTE_KEY)
+        if route is None and "playwright" in meta:
+            return  # the project's decision
+        if route in (_TWIN, _REFETCH) or request.callback is NO_CALLBACK:
+            return
+        router = self.router
+        if route == "sample":
+            # A redirect or retry of a sample, whose first fetch ended here
+            # without a response to compare.
+            router.kind(tuple(meta[_KIND_KEY])).sample_ended()  # type: ignore[arg-type]
+        key = kind_key(request)
+        kind = router.kind(key)
+        new: Route = kind.route(checked=router.check is not None)
+        while new == "wait":
+            try:
+                await asyncio.wait_for(kind.decided(), kind.sample_expiry_s)
+            except TimeoutError:
+                new = "browser"  # no sample came back: the browser is always right
+                break
+            new = kind.route(checked=router.check is not None)
+        meta[ROUTE_KEY] = new
+        meta[_KIND_KEY] = list(key)
+        meta["playwright"] = new == "browser"
+        if new == "browser":
+            kind.browser_pages += 1
+            router.stats.inc_value(_STAT + "browser_count")
+        else:
+            kind.http_pages += 1
+            router.stats.inc_value(_STAT + "http_count")
+        if new in ("sample", "probe"):
+            kind.samples += 1
+            router.stats.inc_value(_STAT + "sample_count")
+
+    async def process_response(self, request: Request, response: Response) -> Response:
+        route = request.meta.get(ROUTE_KEY)
+        if route not in ("http", "probe", "sample"):
+            return response
+        kind = self.router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
+        if route == "sample":
+            if not _is_ok(response):
+                # Nothing to compare (the spider middleware leaves it alone).
+                kind.sample_ended()
+                request.meta[ROUTE_KEY] = "http"
+            return response
+        check = self.router.check
+        if check is None or not _is_ok(response) or not isinstance(response, TextResponse):
+            return response
+        if check(response):
+            self.router.learn(kind, True, f"the check ({self.router.check_text}) passed")
+            return response
+        if route == "http":
+            kind.mispredictions += 1
+            self.router.stats.inc_value(_STAT + "mispredict_count")
+        self.router.learn(kind, False, f"the check ({self.router.check_text}) failed on a"
+                                       f" plain page: {response.url}")
+        browser = request.replace(
+            dont_filter=True, meta={**request.meta, "playwright": True, ROUTE_KEY: _REFETCH}
+        )
+        kind.browser_pages += 1
+        self.router.stats.inc_value(_STAT + "browser_count")
+        assert self.crawler.engine is not None
+        # Fetched here, before any callback: the callback runs once, on it.
+        return await self.crawler.engine.download_async(browser)
+
+    def process_exception(self, request: Request, exception: Exception) -> None:
+        if request.meta.get(ROUTE_KEY) == "sample":
+            self.router.kind(tuple(request.meta[_KIND_KEY])).sample_ended()  # type: ignore[arg-type]
+            request.meta[ROUTE_KEY] = "http"
+
+
+class BrowserRouterSpiderMiddleware:
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self.router = BrowserRouter.of(crawler)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    @staticmethod
+    def _is_sample(response: Response) -> bool:
+        request = response.request
+        return (request is not None and request.meta.get(ROUTE_KEY) == "sample"
+                and not request.meta.get(_SAMPLED) and _is_ok(response))
+
+    async def process_spider_output(
+        self, response: Response, result: AsyncIterator[Any]
+    ) -> AsyncIterator[Any]:
+        if not self._is_sample(response):
+            async for output in result:
+                yield output
+            return
+        plain: list[Any] = []
+        async for output in result:
+            plain.append(output)
+        if response.meta.get(_SAMPLED):
+            # The callback raised: Scrapy handed the exception to
+            # process_spider_exception, which sampled the page, and ended the
+            # callback's output here. What the callback yielded before it
+            # raised is the plain result, not committed.
+            return
+        async for output in self._sample(response, plain, None):
+            yield output
+
+    def process_spider_exception(
+        self, response: Response, exception: Exception
+    ) -> AsyncIterator[Any] | None:
+        # The callback raised, on a sampled plain page: the browser's
+        # rendering decides (its result is committed if it has one).
+        if not self._is_sample(response):
+            return None
+        response.meta[_SAMPLED] = True  # now: process_spider_output reads it next
+        return self._sample(response, [], exception)
+
+    async def _sample(
+        self, response: Response, plain: list[Any], plain_error: Exception | None
+    ) -> AsyncIterator[Any]:
+        request = response.request
+        assert request is not None
+        request.meta[_SAMPLED] = True
+        router = self.router
+        kind = router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
+        twin_request = request.replace(
+            dont_filter=True, meta={**request.meta, "playwright": True, ROUTE_KEY: _TWIN}
+        )
+        engine = self.crawler.engine
+        try:
+            assert engine is not None and engine.spider is not None
+            twin = await engine.download_async(twin_request)
+            if not _is_ok(twin):
+                raise ValueError(f"the browser got HTTP {twin.status}")
+        except Exception as exc:  # noqa: BLE001 - the plain result is kept
+            kind.sample_ended()
+            router.stats.inc_value(_STAT + "sample_error_count")
+            logger.warning(
+                "scrapy-speedup: the browser fetch of a sample of %s failed (%s: %s); the"
+                " plain page's result is kept", request.url, type(exc).__name__, exc,
+                extra={"crawler": self.crawler},
+            )
+            if plain_error is not None:
+                raise plain_error from None
+            for output in plain:
+                yield output
+            return
+        browser, browser_error = await self._callback_output(twin, twin_request)
+        kind.sample_ended()  # held until now: a new sample must not start meanwhile
+        if browser_error is not None:
+            router.stats.inc_value(_STAT + "sample_error_count")
+            if plain_error is not None:
+                raise plain_error from None
+            logger.warning(
+                "scrapy-speedup: the callback raised on the browser's rendering of %s (%s:"
+                " %s); the plain page's result is kept", request.url,
+                type(browser_error).__name__, browser_error, extra={"crawler": self.crawler},
+            )
+            for output in plain:
+                yield output
+            return
+        if plain_error is not None:
+            why = (f"the callback raised {type(plain_error).__name__} on a plain page, not in"
+                   f" the browser: {request.url}")
+            same = False
+        else:
+            why = compare_outputs(plain, browser)
+            same = not why
+            if same:
+                why = "same items and links"
+            else:
+                why += f": {request.url}"
+        if not same and kind.decision == "http":
+            kind.mispredictions += 1
+            router.stats.inc_value(_STAT + "mispredict_count")
+        router.learn(kind, same, why)
+        for output in plain if same else browser:
+            yield output
+
+
+    async def _callback_output(
+        self, response: Response, request: Request
+    ) -> tuple[list[Any], Exception | None]:
+        """The callback's output on *response*, called as Scrapy calls it."""
+        assert self.crawler.engine is not None
+        try:
+            output = await self.crawler.engine.scraper.call_spider_async(response, request)
+            if hasattr(output, "__aiter__"):
+                return [o async for o in output], None
+            return list(output), None
+        except Exception as exc:  # noqa: BLE001 - the caller weighs it
+            return [], exc
+
+
+def _normal(value: Any) -> Any:
+    """A value as compared: text with its whitespace collapsed (a browser
+    re-serialises the page), containers recursively, items as dicts."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if is_item(value):
+        value = ItemAdapter(value).asdict()
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), repr(_normal(v))) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_normal(v) for v in value)
+    return value
+
+
+def _summary(outputs: Iterable[Any]) -> tuple[list[Any], list[tuple[str, str, str]]]:
+    items, requests = [], []
+    for output in outputs:
+        if isinstance(output, Request):
+            callback = getattr(output.callback, "__name__", None) or "parse"
+            requests.append((output.method, output.url, callback))
+        else:
+            items.append(_normal(output))
+    return sorted(items, key=repr), sorted(requests)
+
+
+def compare_outputs(plain: list[Any], browser: list[Any]) -> str:
+    """Why the two outputs differ, or "" when they are the same (items and
+    requests, in any order)."""
+    plain_items, plain_requests = _summary(plain)
+    browser_items, browser_requests = _summary(browser)
+    if len(plain_items) != len(browser_items):
+        return f"{len(plain_items)} item(s) in plain HTTP, {len(browser_items)} in the browser"
+    for a, b in zip(plain_items, browser_items, strict=True):
+        if a != b:
+            if isinstance(a, tuple) and isinstance(b, tuple):
+                fields = sorted({k for k, _ in set(a) ^ set(b)})
+                return f"items differ in {', '.join(map(str, fields))}"
+            return "items differ"
+    if plain_requests != browser_requests:
+        return (f"{len(plain_requests)} request(s) in plain HTTP, {len(browser_requests)} in"
+                " the browser, not the same")
+    return ""

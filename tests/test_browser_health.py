@@ -1,0 +1,222 @@
+"""The browser over a crawl, with a real Chromium: contexts recycled, a page
+past its timeout closed and retried, a killed browser restarted with no page
+lost, Ctrl-C leaving no Chromium behind, the gate on open pages."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from scrapy import signals
+
+from scrapy_speedup.browser.handler import _PageGate
+from scrapy_speedup.demo.jsshop import ShopResource, expected_items
+from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
+from tests.conftest import Crawl, DemoSite
+from tests.inprocess import CrawlRun, crawl, inprocess, listening
+
+BROWSER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ENABLED": True}
+ALL_BROWSER = {"playwright": True}
+
+
+def by_path(run: CrawlRun) -> dict[str, dict[str, Any]]:
+    paths = ["/" + item["url"].split("/", 3)[3] for item in run.items]
+    assert len(paths) == len(set(paths)), Counter(paths).most_common(3)
+    return {path: {"title": item["title"], "price": item["price"]}
+            for path, item in zip(paths, run.items, strict=True)}
+
+
+@inprocess
+async def test_contexts_are_recycled() -> None:
+    shop = ShopResource(products=40, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_CONTEXT_MAX_PAGES": 5},
+                          url=url, lists=2, meta=ALL_BROWSER)
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(40)
+    # 42 pages, 5 to a context: 9 contexts, each closed once its pages were
+    # done but the last (closed with the browser).
+    assert run.stat("playwright/context_count") == 9
+    assert run.stat("speedup/browser/context_recycled_count") == 8
+    assert run.stat("playwright/context_count/max_concurrent") <= 3
+    assert run.stat("speedup/browser/rendered_count") == 42
+    assert not chromium_processes()
+
+
+class _HangsOnce(ShopResource):
+    """The first fetch of product 1 never answers."""
+
+    def render_GET(self, request: Any) -> int:  # noqa: N802 - Twisted's name
+        if request.path == b"/shop/item/1.html" and not self.served["hung"]:
+            self.served["hung"] += 1
+            return 1  # NOT_DONE_YET, and never done
+        return super().render_GET(request)
+
+
+@pytest.mark.parametrize("timeouts", [
+    {"SPEEDUP_BROWSER_TIMEOUT_SECONDS": 1},
+    # Playwright's navigation timeout first: its TimeoutError, which
+    # RetryMiddleware would not retry, becomes a DownloadTimeoutError.
+    {"SPEEDUP_BROWSER_TIMEOUT_SECONDS": 10, "PLAYWRIGHT_DEFAULT_NAVIGATION_TIMEOUT": 1000},
+], ids=["ours", "navigation"])
+@inprocess
+async def test_a_page_past_its_timeout_is_closed_and_retried(timeouts: dict[str, Any]) -> None:
+    shop = _HangsOnce(products=20, latency_s=0)
+    with listening(shop) as url:
+        # One page at a time: a page left open would hold the only place, and
+        # the crawl would hang instead of finishing.
+        run = await crawl(ShopSpider, {**BROWSER, **timeouts, "SPEEDUP_BROWSER_MAX_PAGES": 1,
+                                       "RETRY_TIMES": 1},
+                          url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(20)
+    assert run.stat("speedup/browser/timeout_count") == 1
+    assert run.stat("retry/reason_count/scrapy.exceptions.DownloadTimeoutError") == 1
+    assert run.stat("playwright/page_count/max_concurrent") == 1
+
+
+def _kill_browser() -> list[int]:
+    killed = []
+    for process in chromium_processes():
+        try:
+            process.send_signal(signal.SIGKILL)
+            killed.append(process.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return killed
+
+
+@inprocess
+async def test_a_killed_browser_is_restarted_and_no_page_is_lost() -> None:
+    shop = ShopResource(products=60, latency_s=0.1)
+    killed: list[int] = []
+
+    def on_item(item: Any) -> None:
+        if len(killed) == 0 and item["url"].endswith("/8.html"):
+            killed.extend(_kill_browser())
+
+    def during(crawler: Any) -> None:
+        crawler.signals.connect(on_item, signal=signals.item_scraped)
+
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, BROWSER, url=url, lists=3, meta=ALL_BROWSER,
+                          during=during, timeout=90)
+    run._keep = on_item  # type: ignore[attr-defined]  # signals hold weak references
+    assert killed, "no Chromium was running to kill"
+    assert run.finish_reason == "finished"
+    # Every page: those in the browser when it died were rendered again.
+    assert by_path(run) == expected_items(60)
+    assert run.stat("speedup/browser/restart_count") >= 1
+    assert run.stat("playwright/browser_count") == 1 + run.stat("speedup/browser/restart_count")
+    assert not any(code in str(err) for _, err in run.spider_errors for code in ("Target",))
+    assert not chromium_processes()
+
+
+def _start_shop(products: int, latency_ms: float) -> DemoSite:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scrapy_speedup.demo.jsshop", "--products", str(products),
+         "--latency-ms", str(latency_ms)], stdout=subprocess.PIPE, text=True,
+    )
+    assert process.stdout is not None
+    match = re.search(r"listening on (http://\S+)", process.stdout.readline())
+    if not match:
+        process.kill()
+        raise RuntimeError("the shop did not start")
+    return DemoSite(match[1], process)
+
+
+@pytest.fixture
+def shop_site() -> Iterator[DemoSite]:
+    with _start_shop(products=400, latency_ms=50) as site:
+        yield site
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_leaves_no_chromium(shop_site: DemoSite, tmp_path: Path, presses: int) -> None:
+    crawl_ = Crawl(tmp_path, "shop", settings={
+        **BROWSER_SETTINGS, "SPEEDUP_BROWSER_ROUTER_ENABLED": True,
+        "SPEEDUP_BROWSER_RECHECK_SHARE": 0.5,  # the browser busy all along
+        "ITEM_PIPELINES": {}, "LOG_LEVEL": "DEBUG",
+    }, args={"url": shop_site.url, "lists": 20})
+    crawl_.wait_for_log(r"Browser chromium launched", timeout=60)
+    crawl_.wait_for_log(r"Scraped from", timeout=60)
+    browsers = [p for p in crawl_.track_descendants() if _is_chromium(p)]
+    assert browsers, "no Chromium under the crawl"
+    for _ in range(presses):
+        crawl_.interrupt()
+        crawl_.wait_for_log(r"Received SIGINT", timeout=30)
+    result = crawl_.result(timeout=60)
+    if presses == 1:
+        assert result.returncode == 0, result.log
+        assert result.stats["finish_reason"] == "shutdown"
+    else:
+        assert result.returncode != 0 or "shutdown" in result.log
+    assert result.alive_descendants(grace=10) == []
+    assert not [pid for pid in browsers if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def _is_chromium(pid: int) -> bool:
+    try:
+        return "chrom" in psutil.Process(pid).name()
+    except psutil.NoSuchProcess:
+        return False
+
+
+@inprocess
+async def test_page_gate_holds_its_limit_as_it_changes() -> None:
+    if True:
+        gate = _PageGate(2)
+        await gate.acquire()
+        await gate.acquire()
+        third = asyncio.ensure_future(gate.acquire())
+        await asyncio.sleep(0)
+        assert not third.done() and gate.waiting == 1
+        gate.resize(3)
+        await asyncio.sleep(0)
+        assert third.done() and gate.in_use == 3
+        gate.resize(1)
+        fourth = asyncio.ensure_future(gate.acquire())
+        for _ in range(3):
+            gate.release()
+            await asyncio.sleep(0)
+        # Three released, the limit now 1: the waiter got the one place.
+        assert fourth.done() and gate.in_use == 1
+        cancelled = asyncio.ensure_future(gate.acquire())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        gate.release()
+        assert gate.in_use == 0 and gate.waiting == 0
+
+
+class _PageHoldingSpider(ShopSpider):
+    """Its callback uses the page after the download, then closes it."""
+
+    async def parse_product(self, response: Any) -> Any:  # type: ignore[override]
+        page = response.meta["playwright_page"]
+        title = await page.title()  # fails if recycling closed its context
+        await page.close()
+        yield {"url": response.url, "title": title}
+
+
+@inprocess
+async def test_pages_held_by_callbacks_are_not_recycled_under_them() -> None:
+    shop = ShopResource(products=20, latency_s=0)
+    with listening(shop) as url:
+        run = await crawl(_PageHoldingSpider, {**BROWSER, "SPEEDUP_BROWSER_CONTEXT_MAX_PAGES": 1},
+                          url=url, meta={"playwright": True, "playwright_include_page": True})
+    assert run.finish_reason == "finished"
+    assert run.spider_errors == []
+    assert sorted(item["title"] for item in run.items) == sorted(
+        f"Product {i}" for i in range(20))

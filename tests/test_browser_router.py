@@ -1,0 +1,236 @@
+"""The browser router against the JavaScript shop, with a real Chromium: what
+it decides per kind of page, that sampling commits one result, and what
+happens when a sample goes wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scrapy import signals
+from scrapy.http import Response
+
+from scrapy_speedup.demo.jsshop import ShopResource, expected_items
+from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
+from tests.inprocess import CrawlRun, crawl, inprocess, listening, reactor
+
+ROUTER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ROUTER_ENABLED": True}
+
+
+def by_path(run: CrawlRun) -> dict[str, dict[str, Any]]:
+    paths = ["/" + item["url"].split("/", 3)[3] for item in run.items]
+    assert len(paths) == len(set(paths)), Counter(paths).most_common(3)  # no duplicates
+    return {path: {"title": item["title"], "price": item["price"]}
+            for path, item in zip(paths, run.items, strict=True)}
+
+
+def table(caplog: pytest.LogCaptureFixture) -> str:
+    tables = [r.getMessage() for r in caplog.records if "browser router, by kind" in r.getMessage()]
+    assert len(tables) == 1
+    return tables[0]
+
+
+def decision_line(text: str, pattern: str) -> str:
+    (line,) = [line for line in text.splitlines() if pattern in line]
+    return line
+
+
+@inprocess
+async def test_router_learns_which_kinds_need_the_browser(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    shop = ShopResource(products=100, latency_s=0.01)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0}, url=url,
+                          lists=5)
+    assert run.finish_reason == "finished"
+    # Every product once, rendered right: the scripted ones too.
+    assert by_path(run) == expected_items(100)
+    s = run.stat
+    # Sampling added no request to the crawl: 5 lists and 100 products.
+    assert s("scheduler/enqueued") == 105
+    assert s("speedup/browser/http_count") + s("speedup/browser/browser_count") == 105
+    assert s("speedup/browser/sample_count") >= 3 * 2  # listing and item kinds, 3 each
+    # The 10 scripted products went to the browser (or were sampled), no
+    # static page did: while a kind's samples were out, its other pages waited.
+    assert s("speedup/browser/browser_count") <= 10
+    assert shop.served["item"] == 90 + 3  # each of the 3 samples fetched twice
+    assert s("playwright/page_count") == s("speedup/browser/browser_count") + s(
+        "speedup/browser/sample_count")
+    assert s("speedup/browser/mispredict_count") == 0
+    text = table(caplog)
+    assert "plain HTTP" in decision_line(text, "/shop/item/{n}.html parse_product")
+    assert "plain HTTP" in decision_line(text, "/shop/list/{n}.html parse")
+    app = decision_line(text, "/shop/app/{n}.html parse_product")
+    deal = decision_line(text, "/shop/deal/{n}.html parse_product")
+    assert "browser" in app and "1 item(s) in plain HTTP" not in app
+    # The deal pages have the markup; only the price differs.
+    assert "browser" in deal and "items differ in price" in deal
+    assert not chromium_processes()
+
+
+@inprocess
+async def test_explicit_playwright_meta_is_left_alone() -> None:
+    shop = ShopResource(products=20, latency_s=0)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, ROUTER, url=url, meta={"playwright": False})
+    assert run.finish_reason == "finished"
+    items = by_path(run)
+    assert items["/shop/app/0.html"]["title"] is None  # not rendered: as the project asked
+    assert run.stat("speedup/browser/http_count") == 0
+    assert run.stat("speedup/browser/sample_count") == 0
+    assert run.stat("playwright/page_count") == 0
+
+
+def price_is_real(response: Response) -> bool:
+    """A check that knows the deal pages' placeholder (listings pass)."""
+    if "/shop/list/" in response.url:
+        return True
+    return response.css("p.price::text").get() not in (None, "0.00")
+
+
+@inprocess
+async def test_check_function_replaces_the_comparison() -> None:
+    shop = ShopResource(products=100, latency_s=0.01)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {
+            **ROUTER, "SPEEDUP_BROWSER_CHECK": f"{__name__}.price_is_real",
+            "SPEEDUP_BROWSER_RECHECK_SHARE": 0,
+        }, url=url, lists=5)
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(100)
+    s = run.stat
+    # Plain pages that failed the check: each fetched again in the browser.
+    assert s("speedup/browser/mispredict_count") >= 2  # an app and a deal page at least
+    assert shop.served["app"] + shop.served["deal"] == 10 + s("speedup/browser/mispredict_count")
+    # No comparison: no page fetched both ways but those that failed.
+    assert s("speedup/browser/sample_count") == 0
+    assert s("scheduler/enqueued") == 105
+
+
+@inprocess
+async def test_a_naive_check_is_wrong_on_pages_that_load_their_data() -> None:
+    """``p.price`` is on the deal pages before their script runs: the check
+    passes on the plain page, and its placeholder price is what is scraped.
+    The comparison (first test) sees the difference; this check cannot."""
+    shop = ShopResource(products=40, latency_s=0)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**ROUTER, "SPEEDUP_BROWSER_CHECK": "p.price"}, url=url,
+                          lists=2)
+    assert run.finish_reason == "finished"
+    items = by_path(run)
+    assert items["/shop/app/0.html"] == expected_items(40)["/shop/app/0.html"]
+    assert items["/shop/deal/10.html"]["price"] == "0.00"
+
+
+@inprocess
+async def test_router_changes_its_mind_when_the_site_changes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    shop = ShopResource(products=120, latency_s=0.01)
+    seen: list[str] = []
+
+    def on_item(item: dict[str, Any]) -> None:
+        seen.append(item["url"])
+        if len(seen) == 40:
+            shop.scripted_items = True  # item pages now need the browser
+
+    def during(crawler: Any) -> None:
+        crawler.signals.connect(on_item, signal=signals.item_scraped)
+
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0.2,
+                                       "CONCURRENT_REQUESTS": 4},
+                          url=url, lists=6, during=during)
+    assert run.finish_reason == "finished"
+    assert len(run.items) == 120
+    changes = [r.getMessage() for r in caplog.records if "changed its mind" in r.getMessage()]
+    assert any("/shop/item/{n}.html parse_product: http -> browser" in c for c in changes), changes
+    assert "browser" in decision_line(table(caplog), "/shop/item/{n}.html parse_product").split(
+        "parse_product", 1)[1][:20]
+    # Item pages scraped plain between the change and the re-check that saw
+    # it: a few (one re-check in 5 pages, 4 at a time), then none.
+    wrong = [item for item in run.items[40:] if item["title"] is None]
+    assert 0 < len(wrong) <= 12, len(wrong)
+    assert all(item["title"] for item in run.items[-40:])
+    assert run.stat("speedup/browser/mispredict_count") >= 1
+
+
+class _SlowSecondFetch(ShopResource):
+    """Every second fetch of an item page (a sample's browser fetch) answers
+    after *slow_s*."""
+
+    def __init__(self, *args: Any, slow_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slow_s = slow_s
+        self.fetches: Counter[bytes] = Counter()
+
+    def render_GET(self, request: Any) -> int:  # noqa: N802 - Twisted's name
+        self.fetches[request.path] += 1
+        if request.path.startswith(b"/shop/item/") and self.fetches[request.path] % 2 == 0:
+            body = self._body(request.path)
+            reactor.callLater(self.slow_s, self._respond, request, body)
+            return 1  # NOT_DONE_YET
+        return super().render_GET(request)
+
+
+@inprocess
+async def test_a_failed_browser_fetch_keeps_the_plain_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    shop = _SlowSecondFetch(products=40, latency_s=0, slow_s=3)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {
+            **ROUTER, "SPEEDUP_BROWSER_TIMEOUT_SECONDS": 1, "RETRY_TIMES": 0,
+            "SPEEDUP_BROWSER_RECHECK_SHARE": 0,
+        }, url=url, lists=2)
+    assert run.finish_reason == "finished"
+    # Nothing lost, nothing twice: the samples' plain results were kept.
+    assert by_path(run) == expected_items(40)
+    s = run.stat
+    assert s("speedup/browser/sample_error_count") >= 1
+    assert s("speedup/browser/timeout_count") == s("speedup/browser/sample_error_count")
+    assert any("failed (DownloadTimeoutError" in r.getMessage() for r in caplog.records)
+
+
+class FloatPriceSpider(ShopSpider):
+    """A callback that raises on a page without its price (float(None))."""
+
+    def parse_product(self, response: Response) -> Iterator[dict[str, Any]]:
+        price = float(response.css("p.price::text").get())  # type: ignore[arg-type]
+        yield {"url": response.url, "title": response.css("h1::text").get(),
+               "price": f"{price:.2f}"}
+
+
+@inprocess
+async def test_callback_raising_on_the_plain_page_only_commits_the_browser_result() -> None:
+    shop = ShopResource(products=40, latency_s=0)
+    with listening(shop) as url:
+        run = await crawl(FloatPriceSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0},
+                          url=url, lists=2)
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(40)
+    assert run.spider_errors == []  # the plain page's TypeError was the sample's answer
+    assert run.stat("spider_exceptions/TypeError") == 0
+
+
+@inprocess
+async def test_crawl_stopped_mid_sample_ends_cleanly() -> None:
+    shop = _SlowSecondFetch(products=40, latency_s=0, slow_s=5)
+
+    def stop_soon(crawler: Any) -> None:
+        # While the first samples' browser fetches wait on the slow server.
+        reactor.callLater(2.5, lambda: asyncio.ensure_future(crawler.stop_async()))
+
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, ROUTER, url=url, lists=2, during=stop_soon, timeout=40)
+    assert run.finish_reason == "shutdown"
+    paths = [item["url"] for item in run.items]
+    assert len(paths) == len(set(paths))
+    assert not chromium_processes()

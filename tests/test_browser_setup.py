@@ -1,0 +1,66 @@
+"""What the add-on writes when the browser is on, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+from scrapy.settings import Settings
+
+from scrapy_speedup.browser.setup import ResourceBlocker, configure_browser
+from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.exceptions import SpeedupSettingsError
+
+
+def configured(**values: object) -> Settings:
+    settings = Settings({"SPEEDUP_BROWSER_ROUTER_ENABLED": True, **values})
+    configure_browser(settings, SpeedupConfig.from_settings(settings))
+    return settings
+
+
+def test_handlers_launch_options_and_middlewares() -> None:
+    settings = configured()
+    handler = "scrapy_speedup.browser.handler.SpeedupPlaywrightHandler"
+    assert settings.getdict("DOWNLOAD_HANDLERS") == {"http": handler, "https": handler}
+    options = settings.getdict("PLAYWRIGHT_LAUNCH_OPTIONS")
+    assert options["executable_path"].endswith(("chromium", "chromium-browser"))
+    assert "--headless=new" in options["args"]
+    blocker = settings["PLAYWRIGHT_ABORT_REQUEST"]
+    assert isinstance(blocker, ResourceBlocker)
+    assert blocker.resource_types == {"image", "media", "font"}
+    assert settings.getfloat("PLAYWRIGHT_DEFAULT_NAVIGATION_TIMEOUT") == 30_000
+    assert any("BrowserRouterDownloaderMiddleware" in str(k)
+               for k in settings.getdict("DOWNLOADER_MIDDLEWARES"))
+
+
+def test_the_projects_own_settings_win() -> None:
+    settings = Settings({"SPEEDUP_BROWSER_ENABLED": True})
+    settings.set("PLAYWRIGHT_LAUNCH_OPTIONS", {"executable_path": "/opt/my/chrome"},
+                 priority="project")
+    settings.set("PLAYWRIGHT_ABORT_REQUEST", "myproject.abort", priority="project")
+    configure_browser(settings, SpeedupConfig.from_settings(settings))
+    assert settings.getdict("PLAYWRIGHT_LAUNCH_OPTIONS") == {"executable_path": "/opt/my/chrome"}
+    assert settings["PLAYWRIGHT_ABORT_REQUEST"] == "myproject.abort"
+    assert not any("Router" in str(k) for k in settings.getdict("DOWNLOADER_MIDDLEWARES"))
+
+
+def test_no_chromium_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SpeedupSettingsError, match=r"found no Chromium .* \(apt-get install"
+                                                   r" chromium.*SPEEDUP_BROWSER_EXECUTABLE"):
+        configured()
+
+
+def test_another_reactor_is_refused() -> None:
+    with pytest.raises(SpeedupSettingsError, match="need the asyncio reactor"):
+        configured(TWISTED_REACTOR="twisted.internet.epollreactor.EPollReactor")
+    with pytest.raises(SpeedupSettingsError, match="need the asyncio reactor"):
+        configured(TWISTED_REACTOR_ENABLED=False)
+
+
+def test_a_handler_of_the_projects_own_is_refused() -> None:
+    with pytest.raises(SpeedupSettingsError, match=r"DOWNLOAD_HANDLERS\['http'\] is 'my.Handler'"):
+        configured(DOWNLOAD_HANDLERS={"http": "my.Handler"})
+    # scrapy-playwright's own is replaced by its subclass.
+    handlers = configured(DOWNLOAD_HANDLERS={
+        "http": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler"
+    }).getdict("DOWNLOAD_HANDLERS")
+    assert handlers["http"] == "scrapy_speedup.browser.handler.SpeedupPlaywrightHandler"
