@@ -44,7 +44,10 @@ def test_names_a_spider_callback_that_does_cpu_work(demo_site: DemoSite, runtime
     # Five pages block for 150 ms each; blocks that follow each other without
     # the reactor turning in between count as one.
     assert 1 <= result.stat("speedup/reactor/block_count/call") <= 5, result.stats
-    assert 0.4 < result.stats["speedup/reactor/blocked_seconds"] < 1.5
+    # 0.75 s of CPU in all; on a machine busy with other work (the test
+    # suite runs two at a time) the blocks last up to ~3x that on the clock
+    # (seen: 1.52 s).
+    assert 0.4 < result.stats["speedup/reactor/blocked_seconds"] < 2.5
     assert result.stat("speedup/reactor/lag_max_ms") >= 100
     summary = result.log[result.log.index("scrapy-speedup reactor doctor: the reactor"):]
     assert re.search(r"\n  DoctorSpider\.parse\s+spider\s+\d+\s+[\d.]+\s+\d+\s+\d+%\s+process"
