@@ -82,7 +82,11 @@ def test_follows_a_capacity_that_halves(tmp_path: Path) -> None:
         result = crawl_pages(tmp_path, site, 800)
     assert result.stat("downloader/response_status_count/503") <= 0.05 * 800, result.stats
     limit, _, highest = final_limit(result)
-    assert limit < highest
+    # Halved, the site serves 6 at once and queues 6 more: a limit that had
+    # climbed above 12 must come down. On a machine busy with other work the
+    # crawl may not climb that far before the halving (CI once ended at 11,
+    # its highest): then the 503 count above is what shows it followed.
+    assert limit < highest or highest <= 12, (limit, highest)
 
 
 def test_bounds_are_settings(site_of_6: DemoSite, tmp_path: Path) -> None:
