@@ -179,9 +179,10 @@ def test_closespider_itemcount_is_the_crawls(tmp_path: Path, redis: RedisServer)
         assert result.returncode == 0, result.log[-4000:]
         assert result.stats["finish_reason"] == "closespider_itemcount"
     total = sum(len(result.items) for result in results)
-    # Each machine may finish the pages it had in hand (8 at once here).
-    assert 40 <= total <= 40 + 2 * 16, total
-    assert all(len(result.items) < 40 for result in results), [len(r.items) for r in results]
+    # Each machine may finish the pages it had in hand (8 at once, 16 leased).
+    # Which machine did most is chance (one may start seconds late), so only
+    # the total says the limit was the crawl's.
+    assert 40 <= total <= 40 + 2 * 16, [len(r.items) for r in results]
 
 
 def test_a_finished_crawl_leaves_no_keys_and_runs_again(tmp_path: Path,
