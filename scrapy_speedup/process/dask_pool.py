@@ -224,18 +224,9 @@ class DaskPool(ProcessPool):
     async def close(self, reason: str = "finished") -> None:
         """Wait for the tasks out (at most SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS),
         then close the pipelines on every worker and disconnect."""
-        if self._closed:
-            return
-        self._closed = True
-        self._release_backpressure()
-        if not self._started:
+        if not await self._drain_for_close():
             return
         timeout = self.config.shutdown_timeout_seconds
-        if self._in_flight or self._queue:
-            self._drained = self.bridge.new_waiter()
-            timer = self.bridge.call_later(timeout, self.abandon, "close")
-            await self._drained
-            timer.cancel()
         _live_pools.discard(self)
         client = self._client
         if client is None:

@@ -349,18 +349,9 @@ class ProcessPool:
         pipelines' ``close_spider`` and ``spider_closed`` handlers with
         *reason*), waiting at most ``SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS`` for
         each step."""
-        if self._closed:
-            return
-        self._closed = True
-        self._release_backpressure()
-        if not self._started:
+        if not await self._drain_for_close():
             return
         timeout = self.config.shutdown_timeout_seconds
-        if self._in_flight or self._queue:
-            self._drained = self.bridge.new_waiter()
-            timer = self.bridge.call_later(timeout, self.abandon, "close")
-            await self._drained
-            timer.cancel()
         workers = self._alive()
         if workers or self._starting:
             self._exited = self.bridge.new_waiter()
@@ -377,6 +368,24 @@ class ProcessPool:
             await self._exited
             timer.cancel()
         _live_pools.discard(self)
+
+    async def _drain_for_close(self) -> bool:
+        """Close to new work and wait for the tasks queued and out, at most
+        SPEEDUP_SHUTDOWN_TIMEOUT_SECONDS (then they are abandoned); whether
+        the pool had started, and so has workers to stop."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._release_backpressure()
+        if not self._started:
+            return False
+        if self._in_flight or self._queue:
+            self._drained = self.bridge.new_waiter()
+            timer = self.bridge.call_later(self.config.shutdown_timeout_seconds, self.abandon,
+                                           "close")
+            await self._drained
+            timer.cancel()
+        return True
 
     def abandon(self, why: str) -> None:
         """Give up the work queued and running now, because the crawl is
