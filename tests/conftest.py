@@ -99,6 +99,13 @@ class CrawlResult:
         return [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
 
+# A test whose assertion is a rate or a duration on a shared machine (an
+# adaptive limit, the doctor's block lengths, a site's peak concurrency) may
+# run a second time when it fails; a test of correctness (items lost or
+# doubled, a hang) never does. `make test` lists the reruns (-ra).
+timing = pytest.mark.flaky(reruns=1, reruns_delay=1)
+
+
 class Crawl:
     """A ``scrapy crawl`` subprocess of the test project."""
 

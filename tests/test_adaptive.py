@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Crawl, CrawlResult, DemoSite, run_crawl, start_capacity_site
+from tests.conftest import Crawl, CrawlResult, DemoSite, run_crawl, start_capacity_site, timing
 
 pytestmark = pytest.mark.subprocess
 
@@ -53,6 +53,7 @@ def crawl_pages(tmp_path: Path, site: DemoSite, count: int, runtime: str = "asyn
     return result
 
 
+@timing
 def test_backs_off_to_the_capacity_of_the_site(site_of_6: DemoSite, runtime: str,
                                                tmp_path: Path) -> None:
     result = crawl_pages(tmp_path, site_of_6, 300, runtime)
@@ -77,6 +78,7 @@ def test_grows_to_the_ceiling_on_a_site_without_limit(tmp_path: Path) -> None:
     assert result.stat("downloader/response_status_count/503") == 0
 
 
+@timing
 def test_follows_a_capacity_that_halves(tmp_path: Path) -> None:
     with start_capacity_site(12, 50, halve_after_s=1.5) as site:
         result = crawl_pages(tmp_path, site, 800)

@@ -16,6 +16,7 @@ from scrapy.http import Response
 
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items
 from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
+from tests.conftest import timing
 from tests.inprocess import CrawlRun, crawl, inprocess, listening, reactor
 
 ROUTER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ROUTER_ENABLED": True}
@@ -128,6 +129,7 @@ async def test_a_naive_check_is_wrong_on_pages_that_load_their_data() -> None:
     assert items["/shop/deal/10.html"]["price"] == "0.00"
 
 
+@timing
 @inprocess
 async def test_router_changes_its_mind_when_the_site_changes(
     caplog: pytest.LogCaptureFixture,

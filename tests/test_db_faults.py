@@ -102,7 +102,9 @@ def assert_lock_failures_are_the_batches(run: CrawlRun, batch_message: str) -> N
     alone = [e for _, e in run.errors if "could not take this item, even alone" in str(e)]
     batches = [e for _, e in run.errors if batch_message in str(e)]
     assert len(alone) + len(batches) == len(run.errors), run.errors
-    assert len(alone) <= -(-len(run.errors) // 10)  # at most one per batch of 10
+    # At most one per batch. Not "one per 10 errors": on a busy machine items
+    # come slowly, and batches leave smaller than SPEEDUP_DB_BATCH_SIZE.
+    assert len(alone) <= run.stat("speedup/db/batch_count"), (alone, run.stats)
 
 
 # -- PostgreSQL ----------------------------------------------------------------------

@@ -261,6 +261,10 @@ PG_CASES: list[tuple[Any, dict[str, Any] | None, str | None]] = [
     ({"key": 15, "score": 13}, None, "violates check constraint"),
     ({"key": 16, "blob": b"\x00\xff", "colour": Colour.RED, "count": 2**62},
      {"blob": b"\x00\xff", "colour": 3, "count": 2**62}, None),
+    # psycopg reads a % in a composed identifier as a placeholder (the
+    # property test found '%'):
+    ({"key": 17, "%": "p", "a%sb": 1, "100%%": "pp", 'q"%(x)s': "q"},
+     {"%": "p", "a%sb": 1, "100%%": "pp", 'q"%(x)s': "q"}, None),
     ({}, None, None),
 ]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scrapy_speedup.demo.graph import expected_pages
-from tests.conftest import Crawl, CrawlResult, start_capacity_site
+from tests.conftest import Crawl, CrawlResult, start_capacity_site, timing
 from tests.redis_server import RedisServer, redis_server
 from tests.test_crawl_processes import crawled_paths, graph_site
 
@@ -90,6 +90,7 @@ def test_a_machine_killed_mid_crawl_loses_no_page(tmp_path: Path, redis: RedisSe
     assert result.stat("speedup/frontier/lease_expired_count") >= 1
 
 
+@timing
 def test_politeness_is_the_crawls_across_machines(tmp_path: Path, redis: RedisServer) -> None:
     """CONCURRENT_REQUESTS_PER_DOMAIN is the crawl's total over every machine,
     measured at the site."""

@@ -275,9 +275,11 @@ class PostgresWriter(DatabaseWriter):
                 for _ in values:
                     conn.execute(sql.SQL("INSERT INTO {} DEFAULT VALUES").format(self._table))
                 continue
+            # psycopg does not escape a % in an identifier, and a query
+            # with parameters reads it as a placeholder: doubled, it is one %.
             query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
                 self._table,
-                sql.SQL(", ").join(map(sql.Identifier, names)),
+                sql.SQL(", ").join(sql.Identifier(name.replace("%", "%%")) for name in names),
                 sql.SQL(", ").join(sql.Placeholder() * len(names)),
             )
             with conn.cursor() as cursor:

@@ -43,6 +43,7 @@ from scrapy_speedup.redis_frontier.crawl_state import (
     SharedCounts,
     forget_finished_crawl,
 )
+from scrapy_speedup.redis_frontier.feed_flush import FeedFlusher
 from scrapy_speedup.redis_frontier.link import RedisLink
 from scrapy_speedup.redis_frontier.store import Entry, FrontierStore, Leased
 
@@ -149,6 +150,7 @@ class RedisScheduler(BaseScheduler):
         self._looks_done = 0
         self.link: RedisLink | None = None
         self.store: FrontierStore | None = None
+        self.feeds = FeedFlusher(crawler)
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -213,6 +215,8 @@ class RedisScheduler(BaseScheduler):
             return
         ended = self.bridge.new_waiter()
         pushes, releases, acks = self._push, self._release, self._ack
+        if acks:
+            self.feeds.flush()
 
         counts = self.counts
         changes = counts.changes(self.crawler.stats) if counts is not None else {}
@@ -375,6 +379,8 @@ class RedisScheduler(BaseScheduler):
         batch = _Batch(self._push, self._release, self._ack, want=self._room(),
                        starting=self.crawler.engine._start is not None)
         self._push, self._release, self._ack = [], [], []
+        if batch.ack:
+            self.feeds.flush()  # their items, before their pages count as done
         if now - self._renewed_at > self.visibility_s / 3:
             self._renewed_at = now
             batch.renew = [lease for lease, _ in self.queue] + list(self.lease_of.values())
