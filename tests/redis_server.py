@@ -21,7 +21,11 @@ __all__ = ["RedisServer", "redis_server"]
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    """*durable*: every write in the append-only file, fsynced (the tests
+    restart it with its data); otherwise in memory only (benchmarks)."""
+
+    def __init__(self, durable: bool = True) -> None:
+        self.durable = durable
         binary = shutil.which("redis-server")
         if binary is None:
             if os.environ.get("CI") == "true":
@@ -36,7 +40,8 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", *(["--appendonly", "yes", "--appendfsync", "always"]
+                             if self.durable else ["--appendonly", "no"]),
              "--logfile", str(self.root / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -66,8 +71,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
+def redis_server(durable: bool = True) -> Iterator[RedisServer]:
+    server = RedisServer(durable)
     server.start()
     try:
         yield server

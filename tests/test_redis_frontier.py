@@ -63,6 +63,11 @@ def test_machines_crawl_one_site_once(tmp_path: Path, redis: RedisServer) -> Non
     assert set(paths) == expected_pages(300, 4, seed=5, shape="random")
     # Every machine took part.
     assert all(result.items for result in results), [len(r.items) for r in results]
+    # A machine sends each link once at most: its repeats are dropped at
+    # home (each sent all 4 links of every page it crawled, ~4 x 100, before).
+    for result in results:
+        assert result.stat("speedup/frontier/pushed_count") <= 301, result.stats
+        assert result.stat("speedup/frontier/round_trip_count") >= 1
 
 
 def test_a_machine_killed_mid_crawl_loses_no_page(tmp_path: Path, redis: RedisServer) -> None:
@@ -215,3 +220,26 @@ def test_a_finished_crawl_leaves_no_keys_and_runs_again(tmp_path: Path,
         assert client.keys(f"{name}:*") == []
     finally:
         client.close()
+
+
+def test_a_key_of_another_type_stops_the_crawl_with_the_reason(tmp_path: Path,
+                                                               redis: RedisServer) -> None:
+    """Redis refuses a command (another program's key where the crawl keeps
+    its count): waiting would not cure it, so the machine says why and stops
+    at once instead of waiting SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS."""
+    import redis as redis_client
+
+    with redis_client.Redis.from_url(redis.url) as client:
+        client.lpush("squatted:queued", "not a count")
+    started = time.monotonic()
+    with graph_site("--pages", "20", "--links", "2") as site:
+        result = Crawl(tmp_path, spider="follow", settings={
+            "SPEEDUP_FRONTIER_URL": redis.url, "SPEEDUP_FRONTIER_NAME": "squatted",
+            "SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS": 120,
+        }, args={"site": site, "start_path": "/p/0"}).result(90)
+    assert result.returncode == 0, result.log[-4000:]
+    assert result.stats["finish_reason"] == "frontier_error"
+    assert "refused the frontier's commands (ResponseError: WRONGTYPE" in result.log
+    assert "'squatted:'" in result.log
+    assert time.monotonic() - started < 60
+

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from scrapy_speedup.redis_frontier.store import Entry, FrontierStore
+from scrapy_speedup.redis_frontier.store import Entry, FrontierStore, Job
 from tests.redis_server import RedisServer, redis_server
 
 _names = itertools.count()
@@ -184,6 +184,70 @@ def test_machines_leasing_at_once_never_get_the_same_request(server: RedisServer
         await asyncio.gather(*(machine(f"m{i}") for i in range(4)))
         assert len(seen) == total and len(set(seen)) == total
         assert await store.counts() == (0, 0)
+
+    run(server, test)
+
+
+
+def test_a_tick_is_each_operation_in_order_in_one_call(server: RedisServer) -> None:
+    """A machine's job: the pushes first (so that a page's links are in
+    before its acknowledgement), then releases, acknowledgements, renewals,
+    reaping and leasing; its state; machines that died forgotten."""
+    async def test(store: FrontierStore) -> None:
+        first = await store.tick(Job("m1", "starting|100", push=[entry(1, concurrency=1),
+                                                                  entry(2, concurrency=1)],
+                                     want=5, visibility_s=10), now=0)
+        assert first.added == 2 and [item.blob for item in first.leased] == [b"request 1"]
+        assert first.state == (1, 1, 1)  # 1 queued, 1 leased, 1 machine starting
+        (leased,) = first.leased
+        # Its link pushed, itself acknowledged and the next leased, at once:
+        # the slot's place is free for the lease of the same tick.
+        second = await store.tick(Job("m1", "running|100", push=[entry(3, concurrency=1),
+                                                                   entry(1, concurrency=1)],
+                                      ack=[leased.id], want=5, visibility_s=10), now=1)
+        assert second.added == 1
+        assert [item.blob for item in second.leased] == [b"request 2"]
+        assert second.state == (1, 1, 0)
+        # Another machine whose state ran out (it died) is forgotten; its
+        # lease comes back with the reaping.
+        await store.tick(Job("m2", "running|5", want=0), now=1)
+        third = await store.tick(Job("m1", "running|100", reap=True, want=0), now=20)
+        assert third.reaped == [second.leased[0].id]
+        assert await store.redis.hkeys(f"{store.prefix}:machines") == [b"m1"]
+        assert third.state == (2, 0, 0)
+        renewed = await store.tick(Job("m1", "running|100", want=1, visibility_s=10), now=20)
+        last = await store.tick(Job("m1", "running|100", renew=[renewed.leased[0].id],
+                                    renew_deadline=100, reap=True), now=50)
+        assert last.reaped == [] and last.state == (1, 1, 0)  # renewed: not reaped at 50
+
+    run(server, test)
+
+
+
+def test_each_machine_holds_its_share_of_a_sites_places(server: RedisServer) -> None:
+    """A site's CONCURRENT_REQUESTS_PER_DOMAIN is shared by the machines of
+    the crawl: the machine whose download just ended cannot take every freed
+    place again while another machine waits with room."""
+    async def test(store: FrontierStore) -> None:
+        await store.push([entry(n, slot="one|site", concurrency=4) for n in range(20)], now=0)
+        alone = await store.tick(Job("m1", "running|100", want=10), now=0)
+        assert len(alone.leased) == 4  # one machine in the crawl: every place
+        await store.ack([item.id for item in alone.leased], now=0)
+        await store.tick(Job("m2", "running|100"), now=0)  # a second machine joins
+        first = await store.tick(Job("m1", "running|100", want=10), now=1)
+        second = await store.tick(Job("m2", "running|100", want=10), now=1)
+        assert (len(first.leased), len(second.leased)) == (2, 2)
+        # m1's download ends: its place is free, and m1 may take it again,
+        # but no more than its share.
+        again = await store.tick(Job("m1", "running|100", release=[first.leased[0].id],
+                                     want=10), now=2)
+        assert len(again.leased) == 1
+        # A late machine's places come back with its leases (the slot's name
+        # holds a |, which the frontier's bookkeeping must not split).
+        late = await store.tick(Job("m1", "running|100", reap=True, want=0), now=100)
+        assert len(late.reaped) == 5
+        assert await store.redis.hgetall(f"{store.prefix}:held") == {}
+        assert await store.redis.hget(f"{store.prefix}:inflight", "one|site") == b"0"
 
     run(server, test)
 

@@ -26,7 +26,8 @@ __all__ = ["Limits", "SharedCounts", "forget_finished_crawl"]
 
 # The keys of a crawl (P:q:<slot> queues are empty, hence gone, once it finished).
 _KEYS = ("dupefilter", "seq", "blob", "meta", "slot", "inflight", "lastseen", "ready",
-         "waiting", "leases", "leased", "queued", "stats", "started", "closing", "machines")
+         "waiting", "leases", "leased", "queued", "held", "stats", "started", "closing",
+         "machines")
 
 _FORGET = """
 if redis.call('HLEN', KEYS[#KEYS]) == 0
@@ -47,6 +48,9 @@ class Limits:
     pagecount: int = 0
     errorcount: int = 0
     timeout_s: float = 0.0
+
+    def any(self) -> bool:
+        return bool(self.itemcount or self.pagecount or self.errorcount or self.timeout_s)
 
     def reached(self, totals: dict[str, int], running_s: float) -> str | None:
         if self.itemcount and totals.get("item_scraped_count", 0) >= self.itemcount:

@@ -28,7 +28,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scrapy import Request, signals
@@ -45,7 +45,7 @@ from scrapy_speedup.redis_frontier.crawl_state import (
 )
 from scrapy_speedup.redis_frontier.feed_flush import FeedFlusher
 from scrapy_speedup.redis_frontier.link import RedisLink
-from scrapy_speedup.redis_frontier.store import Entry, FrontierStore, Leased
+from scrapy_speedup.redis_frontier.store import Entry, FrontierStore, Job, JobResult
 
 if TYPE_CHECKING:
     from typing import Self
@@ -69,6 +69,13 @@ _IDLE_TICK_S = 0.05
 # The crawl is over when it looks over this long (two looks at least).
 _END_GRACE_S = 1.0
 _MACHINE_TTL_S = 30
+# How often a machine adds its stats to the crawl's and reads the totals,
+# unless the crawl has CLOSESPIDER_* limits (then every tick): the whole
+# stats hash each time is most of the bytes a tick would carry.
+_STATS_EVERY_S = 1.0
+# The fingerprints this machine sent, remembered up to this many (~25 MB),
+# then forgotten all at once: only a cache of Redis's dupefilter.
+_SENT_MAX = 250_000
 # While Redis cannot be reached, the scheduler tries again this often.
 _RETRY_S = 1.0
 #: Where the add-on keeps the crawl's CLOSESPIDER_* limits, which the
@@ -89,32 +96,22 @@ return redis.call('HLEN', KEYS[1])
 
 @dataclass
 class _Batch:
-    """What one job sends to the frontier."""
+    """What one tick sends."""
 
-    push: list[Entry]
-    release: list[bytes]
-    ack: list[bytes]
-    #: How many requests to lease.
-    want: int
-    #: Whether this machine's spider is still in its start().
-    starting: bool
-    renew: list[bytes] = field(default_factory=list)
-    reap: bool = False
-    #: This machine's stats changes since the last job.
-    changes: dict[str, int] = field(default_factory=dict)
+    job: Job
+    #: This machine's stats changes since the last exchange; None: no
+    #: exchange this tick.
+    changes: dict[str, int] | None = None
 
 
 @dataclass
 class _Outcome:
-    """What one job found."""
+    """What one tick found."""
 
-    added: int = 0
-    reaped: list[bytes] = field(default_factory=list)
-    leased: list[Leased] = field(default_factory=list)
-    #: (requests queued, leases out, machines starting) in the whole crawl.
-    state: tuple[int, int, int] = (0, 0, 0)
+    result: JobResult
     closing: str | None = None
-    totals: dict[str, int] = field(default_factory=dict)
+    #: The crawl's stats, when this tick exchanged them.
+    totals: dict[str, int] | None = None
 
 
 class RedisScheduler(BaseScheduler):
@@ -134,17 +131,17 @@ class RedisScheduler(BaseScheduler):
         self.counts: SharedCounts | None = None
         self._failing_since: float | None = None
         self._closing_reason: str | None = None
-        self._totals: dict[str, int] = {}
         self.queue: deque[tuple[bytes, bytes]] = deque()
         self.lease_of: dict[Request, bytes] = {}
         self._released: set[bytes] = set()
         self._push: list[Entry] = []
+        self._sent: set[bytes] = set()
         self._release: list[bytes] = []
         self._ack: list[bytes] = []
         self._busy = False
         self._closed = False
         self._timer: Timer | None = None
-        self._renewed_at = self._reaped_at = 0.0
+        self._renewed_at = self._reaped_at = self._exchanged_at = 0.0
         self._global: tuple[int, int, int] = (0, 0, 1)  # queued, leased, machines starting
         self._idle_since: float | None = None
         self._looks_done = 0
@@ -290,6 +287,14 @@ class RedisScheduler(BaseScheduler):
 
     def enqueue_request(self, request: Request) -> bool:
         spider = self.crawler.spider
+        fingerprint = None if request.dont_filter else \
+            self.crawler.request_fingerprinter.fingerprint(request)
+        if fingerprint is not None:
+            # Redis's dupefilter decides; this machine's own repeats (most
+            # links of a site are) need not travel there to be dropped.
+            if fingerprint in self._sent:
+                self.crawler.stats.inc_value("dupefilter/filtered")
+                return False
         try:
             blob = pickle.dumps(request.to_dict(spider=spider), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything
@@ -304,8 +309,10 @@ class RedisScheduler(BaseScheduler):
         concurrency = int(limits.get("concurrency", downloader.ip_concurrency
                                      or downloader.domain_concurrency))
         delay = float(limits.get("delay", downloader._delay))
-        fingerprint = None if request.dont_filter else \
-            self.crawler.request_fingerprinter.fingerprint(request)
+        if fingerprint is not None:
+            if len(self._sent) >= _SENT_MAX:
+                self._sent.clear()
+            self._sent.add(fingerprint)
         self._push.append(Entry(fingerprint, key, concurrency, delay, request.priority, blob))
         self.crawler.stats.inc_value(_STAT + "pushed_count")
         self._soon()
@@ -370,101 +377,84 @@ class RedisScheduler(BaseScheduler):
 
     def _tick(self) -> None:
         """Send what this machine has for the frontier, and lease what it has
-        room for, in one job on the Redis thread."""
+        room for, in one job on the Redis thread (one round trip)."""
         self._timer = None
         if self._closed or self._busy or self.store is None or self.link is None:
             return
         self._busy = True
         now = time.time()
-        batch = _Batch(self._push, self._release, self._ack, want=self._room(),
-                       starting=self.crawler.engine._start is not None)
+        starting = self.crawler.engine._start is not None
+        job = Job(self.machine, f"{'starting' if starting else 'running'}|{now + _MACHINE_TTL_S}",
+                  push=self._push, release=self._release, ack=self._ack, want=self._room(),
+                  visibility_s=self.visibility_s)
         self._push, self._release, self._ack = [], [], []
-        if batch.ack:
+        if job.ack:
             self.feeds.flush()  # their items, before their pages count as done
         if now - self._renewed_at > self.visibility_s / 3:
             self._renewed_at = now
-            batch.renew = [lease for lease, _ in self.queue] + list(self.lease_of.values())
+            job.renew = [lease for lease, _ in self.queue] + list(self.lease_of.values())
+            job.renew_deadline = now + self.visibility_s
         if now - self._reaped_at > 1.0:
             self._reaped_at = now
-            batch.reap = True
-        if self.counts is not None:
+            job.reap = True
+        batch = _Batch(job)
+        if self.counts is not None and (self.limits.any()
+                                        or now - self._exchanged_at >= _STATS_EVERY_S):
+            self._exchanged_at = now
             batch.changes = self.counts.changes(self.crawler.stats)
         store = self.store
         self.link.submit(lambda: self._run(store, batch),
                          lambda result, error: self._ran(batch, result, error))
 
     async def _run(self, store: FrontierStore, batch: _Batch) -> _Outcome:
-        """On the Redis thread: one batch, in this order (pushes before the
-        acknowledgements of the pages that made them)."""
-        now = time.time()
-        redis, prefix = store.redis, self.prefix
-        outcome = _Outcome()
-        outcome.added = await store.push(batch.push, now)
-        await store.release(batch.release, now)
-        await store.ack(batch.ack, now)
-        if batch.renew:
-            await store.renew(batch.renew, now + self.visibility_s)
-        if batch.reap:
-            outcome.reaped = await store.reap(now)
-        if batch.want:
-            outcome.leased = await store.lease(self.machine, batch.want, self.visibility_s, now)
-        state = f"{'starting' if batch.starting else 'running'}|{now + _MACHINE_TTL_S}"
-        pipe = redis.pipeline(transaction=False)
-        pipe.hset(f"{prefix}:machines", self.machine, state)
-        pipe.hgetall(f"{prefix}:machines")
-        _, machines = await pipe.execute()
-        starting = 0
-        for name, value in machines.items():
-            what, _, until = value.decode().partition("|")
-            if float(until) < now:  # its machine died without leaving
-                await redis.hdel(f"{prefix}:machines", name)
-            elif what == "starting":
-                starting += 1
-        queued, out = await store.counts()
-        outcome.state = (queued, out, starting)
-        if self.counts is not None:
-            outcome.closing, outcome.totals = await self.counts.exchange(redis, batch.changes)
+        """On the Redis thread: the tick's job, then the stats exchange if due."""
+        outcome = _Outcome(await store.tick(batch.job, time.time()))
+        if batch.changes is not None and self.counts is not None:
+            outcome.closing, outcome.totals = await self.counts.exchange(store.redis,
+                                                                         batch.changes)
         return outcome
 
     def _ran(self, batch: _Batch, outcome: _Outcome | None,
              error: BaseException | None) -> None:
         self._busy = False
+        job = batch.job
         if error is not None or outcome is None:
             # Put back what was not sent: the next job sends it again
             # (pushes and acknowledgements are idempotent; leases this job
             # may have taken come back after the visibility timeout).
-            self._push[:0] = batch.push
-            self._release[:0] = batch.release
-            self._ack[:0] = batch.ack
+            self._push[:0] = job.push
+            self._release[:0] = job.release
+            self._ack[:0] = job.ack
             self._failed(error or RuntimeError("no outcome"))
             return
-        if self.counts is not None:
+        stats = self.crawler.stats
+        stats.inc_value(_STAT + "round_trip_count", 1 if batch.changes is None else 2)
+        if self.counts is not None and batch.changes is not None:
             self.counts.sent(batch.changes)
         self._recovered()
-        self._totals = outcome.totals
         if outcome.closing is not None:
             self._close_crawl(outcome.closing)
-        stats = self.crawler.stats
-        if batch.push:
-            filtered = len(batch.push) - outcome.added
+        result = outcome.result
+        if job.push:
+            filtered = len(job.push) - result.added
             if filtered:
                 stats.inc_value("dupefilter/filtered", filtered)
-            stats.inc_value(_STAT + "queued_count", outcome.added)
-        if outcome.reaped:
-            stats.inc_value(_STAT + "lease_expired_count", len(outcome.reaped))
+            stats.inc_value(_STAT + "queued_count", result.added)
+        if result.reaped:
+            stats.inc_value(_STAT + "lease_expired_count", len(result.reaped))
             logger.warning("scrapy-speedup: %d leases of the crawl outlived"
                            " SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS (a machine died"
-                           " or hung); they are back in the frontier", len(outcome.reaped),
+                           " or hung); they are back in the frontier", len(result.reaped),
                            extra={"crawler": self.crawler})
-        self.queue.extend((item.id, item.blob) for item in outcome.leased)
-        if outcome.leased:
-            stats.inc_value(_STAT + "leased_count", len(outcome.leased))
+        self.queue.extend((item.id, item.blob) for item in result.leased)
+        if result.leased:
+            stats.inc_value(_STAT + "leased_count", len(result.leased))
             stats.inc_value(_STAT + "lease_message_count")
-        self._look(outcome.state)
+        self._look(result.state)
         engine_slot = getattr(self.crawler.engine, "_slot", None)
-        if outcome.leased and engine_slot is not None:
+        if result.leased and engine_slot is not None:
             engine_slot.nextcall.schedule()
-        busy = self._push or self._release or self._ack or outcome.leased
+        busy = self._push or self._release or self._ack or result.leased
         if not self._closed:
             self._timer = self.bridge.call_later(_TICK_S if busy else _IDLE_TICK_S, self._tick)
 
@@ -484,9 +474,24 @@ class RedisScheduler(BaseScheduler):
         """A job could not reach Redis (the client retried each command for
         a while already): wait and try again, up to
         SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS, then close the crawl."""
+        from redis.exceptions import ReadOnlyError, ResponseError
+
         now = time.monotonic()
         stats = self.crawler.stats
         stats.inc_value(_STAT + "error_count")
+        if isinstance(error, ResponseError) and not isinstance(error, ReadOnlyError):
+            # Redis answered, with a refusal that waiting does not cure (a key
+            # of the crawl's that holds another type, a script Redis cannot
+            # run, maxmemory reached). A read-only replica is a fail-over:
+            # that one is waited for.
+            logger.error(
+                "scrapy-speedup: Redis at %s refused the frontier's commands (%s: %s); this"
+                " machine stops. The crawl's keys start with %r: another program's keys"
+                " there, or a Redis older than 6.2, cause this", _safe_url(self.url),
+                type(error).__name__, error, self.prefix + ":",
+                extra={"crawler": self.crawler})
+            self._close_crawl("frontier_error")
+            return
         if self._failing_since is None:
             self._failing_since = now
             logger.warning(

@@ -4,7 +4,10 @@ under the crawl's per-site limits, acknowledged when handled, and given back
 when a lease outlives its visibility timeout.
 
 Every operation is one Lua script (atomic in Redis, one round trip for a
-batch), so any number of machines share the frontier without locks.
+batch), so any number of machines share the frontier without locks; a
+machine's whole job (its pushes, releases, acknowledgements, renewals, the
+reaping, its next leases, its state and the crawl's counts) is one script
+too: one round trip a tick, however many pages it carries.
 
 Keys, under the crawl's prefix ``P`` (``<spider>`` by default):
 
@@ -18,6 +21,8 @@ Keys, under the crawl's prefix ``P`` (``<spider>`` by default):
                                first (higher first), then arrival
 ``P:slot``             hash    slot -> "concurrency|delay" (the crawl's limits)
 ``P:inflight``         hash    slot -> requests leased and not yet released
+``P:held``             hash    "machine|slot" -> the same, per machine: each
+                               holds at most its share of a slot's places
 ``P:lastseen``         hash    slot -> when its last request was leased
 ``P:ready``            zset    slots that may lease now, by their head's score
 ``P:waiting``          zset    slots waiting for their delay, by when it ends
@@ -37,22 +42,38 @@ back in its queue by ``reap``, past the dupefilter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["Entry", "FrontierStore", "Leased"]
+__all__ = ["Entry", "FrontierStore", "Job", "JobResult", "Leased"]
 
 # Scores order a slot's queue: priority first, then arrival. A double holds
 # integers exactly up to 2**53: 2**40 arrivals (a trillion requests) under
 # each of +-2**12 priorities.
 _PRIORITY_SCALE = 2**40
 _PRIORITY_BOUND = 2**12 - 1
+# A lease looks past at most this many ready slots where its machine holds
+# its share already (a machine rarely holds its share of many sites at once).
+_SKIP_MAX = 100
 
-# Shared by the scripts: make a slot ready, waiting or neither, from its state.
+# Shared by the scripts: make a slot ready, waiting or neither, from its
+# state. A slot's limits are read once a script (they change only with a push).
 _SETTLE_SLOT = """
+local slot_limits = {}
+local function limits(P, slot)
+  local cached = slot_limits[slot]
+  if cached == nil then
+    local info = redis.call('HGET', P .. ':slot', slot)
+    local sep = string.find(info, '|', 1, true)
+    cached = {tonumber(string.sub(info, 1, sep - 1)), tonumber(string.sub(info, sep + 1))}
+    slot_limits[slot] = cached
+  end
+  return cached[1], cached[2]
+end
+
 local function settle(P, slot, now)
   local head = redis.call('ZRANGE', P .. ':q:' .. slot, 0, 0, 'WITHSCORES')
   if #head == 0 then
@@ -60,166 +81,255 @@ local function settle(P, slot, now)
     redis.call('ZREM', P .. ':waiting', slot)
     return
   end
-  local info = redis.call('HGET', P .. ':slot', slot)
-  local sep = string.find(info, '|', 1, true)
-  local concurrency = tonumber(string.sub(info, 1, sep - 1))
-  local delay = tonumber(string.sub(info, sep + 1))
+  local concurrency, delay = limits(P, slot)
   local inflight = tonumber(redis.call('HGET', P .. ':inflight', slot) or '0')
   if inflight >= concurrency then
     redis.call('ZREM', P .. ':ready', slot)
+    if delay > 0 then redis.call('ZREM', P .. ':waiting', slot) end
+    return
+  end
+  if delay > 0 then
+    local lastseen = redis.call('HGET', P .. ':lastseen', slot)
+    if lastseen and tonumber(lastseen) + delay > now then
+      redis.call('ZREM', P .. ':ready', slot)
+      redis.call('ZADD', P .. ':waiting', tonumber(lastseen) + delay, slot)
+      return
+    end
     redis.call('ZREM', P .. ':waiting', slot)
-    return
   end
-  local lastseen = redis.call('HGET', P .. ':lastseen', slot)
-  if delay > 0 and lastseen and tonumber(lastseen) + delay > now then
-    redis.call('ZREM', P .. ':ready', slot)
-    redis.call('ZADD', P .. ':waiting', tonumber(lastseen) + delay, slot)
-    return
-  end
-  redis.call('ZREM', P .. ':waiting', slot)
   redis.call('ZADD', P .. ':ready', head[2], slot)
 end
-"""
 
-# KEYS: none (one prefix; a cluster would need hash tags). ARGV: P, now,
-# then per request: fingerprint ('' = dont_filter), slot, concurrency,
-# delay, priority, blob. Returns how many were queued (the rest were seen).
-_PUSH = _SETTLE_SLOT + """
-local P, now = ARGV[1], tonumber(ARGV[2])
-local added = 0
-local touched = {}
-for i = 3, #ARGV, 6 do
-  local fp, slot = ARGV[i], ARGV[i + 1]
-  if fp == '' or redis.call('SADD', P .. ':dupefilter', fp) == 1 then
-    local id = redis.call('INCR', P .. ':seq')
-    local score = -tonumber(ARGV[i + 4]) * %(scale)d + id
-    redis.call('HSET', P .. ':slot', slot, ARGV[i + 2] .. '|' .. ARGV[i + 3])
-    redis.call('HSET', P .. ':blob', id, ARGV[i + 5])
-    redis.call('HSET', P .. ':meta', id, slot .. '|' .. ARGV[i + 4])
-    redis.call('ZADD', P .. ':q:' .. slot, score, id)
-    added = added + 1
-    touched[slot] = true
-  end
-end
-if added > 0 then
-  redis.call('INCRBY', P .. ':queued', added)
+-- The slots an operation touched, settled once each at its end (those
+-- waiting for their delay are settled when it ends, by a lease).
+local function settle_all(P, touched, now)
   for slot in pairs(touched) do
     if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
   end
 end
-return added
-""".replace("%(scale)d", str(_PRIORITY_SCALE))
+"""
 
-# ARGV: P, now, machine, count, visibility (seconds). Returns a flat list:
-# id, blob, id, blob...
-_LEASE = _SETTLE_SLOT + """
-local P, now, machine = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local count, visibility = tonumber(ARGV[4]), tonumber(ARGV[5])
-for _, slot in ipairs(redis.call('ZRANGEBYSCORE', P .. ':waiting', '-inf', now)) do
-  settle(P, slot, now)
+# The operations, as Lua functions of one script each and of the tick, which
+# runs a machine's whole job in one call. KEYS: none (one prefix; a cluster
+# would need hash tags). ``A`` is ARGV; an operation on a list of requests
+# reads A[first .. last].
+_FUNCTIONS = _SETTLE_SLOT + """
+-- Per request: fingerprint ('' = dont_filter), slot, concurrency, delay,
+-- priority, blob. How many were queued (the rest were seen before).
+local function push(P, now, A, first, last)
+  local added = 0
+  local touched = {}
+  for i = first, last, 6 do
+    local fp, slot = A[i], A[i + 1]
+    if fp == '' or redis.call('SADD', P .. ':dupefilter', fp) == 1 then
+      local id = redis.call('INCR', P .. ':seq')
+      local score = -tonumber(A[i + 4]) * %(scale)d + id
+      redis.call('HSET', P .. ':slot', slot, A[i + 2] .. '|' .. A[i + 3])
+      slot_limits[slot] = {tonumber(A[i + 2]), tonumber(A[i + 3])}
+      redis.call('HSET', P .. ':blob', id, A[i + 5])
+      redis.call('HSET', P .. ':meta', id, slot .. '|' .. A[i + 4])
+      redis.call('ZADD', P .. ':q:' .. slot, score, id)
+      added = added + 1
+      touched[slot] = true
+    end
+  end
+  if added > 0 then
+    redis.call('INCRBY', P .. ':queued', added)
+    settle_all(P, touched, now)
+  end
+  return added
 end
-local out = {}
-while #out < 2 * count do
-  local best = redis.call('ZRANGE', P .. ':ready', 0, 0)
-  if #best == 0 then break end
-  local slot = best[1]
-  local popped = redis.call('ZPOPMIN', P .. ':q:' .. slot)
-  if #popped == 0 then
-    redis.call('ZREM', P .. ':ready', slot)
-  else
-    local id = popped[1]
-    redis.call('HINCRBY', P .. ':inflight', slot, 1)
-    redis.call('HSET', P .. ':lastseen', slot, now)
-    redis.call('ZADD', P .. ':leases', now + visibility, id)
-    redis.call('HSET', P .. ':leased', id, machine .. '|0')
-    redis.call('DECR', P .. ':queued')
-    out[#out + 1] = id
-    out[#out + 1] = redis.call('HGET', P .. ':blob', id)
+
+-- Up to count requests that their slots allow now, best first: a flat
+-- list id, blob, id, blob...
+-- A machine holds at most its share of a slot's places (its concurrency
+-- over the machines in the crawl, rounded up), so that the machine whose
+-- download just ended does not take every freed place of a site again.
+local function lease(P, now, machine, count, visibility)
+  for _, slot in ipairs(redis.call('ZRANGEBYSCORE', P .. ':waiting', '-inf', now)) do
+    redis.call('ZREM', P .. ':waiting', slot)  -- settle puts it back if it still waits
     settle(P, slot, now)
   end
+  local machines = math.max(1, redis.call('HLEN', P .. ':machines'))
+  local out = {}
+  -- The ready slots ranked before `skipped` are those where this machine
+  -- holds its share: their scores stay, and the others' only grow.
+  local skipped = 0
+  while #out < 2 * count and skipped < %(skip)d do
+    local best = redis.call('ZRANGE', P .. ':ready', skipped, skipped)
+    if #best == 0 then break end
+    local slot = best[1]
+    local held = machine .. '|' .. slot
+    local concurrency = limits(P, slot)
+    local popped = {}
+    if tonumber(redis.call('HGET', P .. ':held', held) or '0')
+        >= math.ceil(concurrency / machines) then
+      skipped = skipped + 1
+    else
+      popped = redis.call('ZPOPMIN', P .. ':q:' .. slot)
+      if #popped == 0 then redis.call('ZREM', P .. ':ready', slot) end
+    end
+    if #popped > 0 then
+      local id = popped[1]
+      redis.call('HINCRBY', P .. ':inflight', slot, 1)
+      redis.call('HINCRBY', P .. ':held', held, 1)
+      redis.call('HSET', P .. ':lastseen', slot, now)
+      redis.call('ZADD', P .. ':leases', now + visibility, id)
+      redis.call('HSET', P .. ':leased', id, machine .. '|0')
+      redis.call('DECR', P .. ':queued')
+      out[#out + 1] = id
+      out[#out + 1] = redis.call('HGET', P .. ':blob', id)
+      settle(P, slot, now)
+    end
+  end
+  return out
 end
-return out
-"""
 
-# The download of each id ended: its place in the slot is free. ARGV: P, now, ids...
-_RELEASE = _SETTLE_SLOT + """
-local P, now = ARGV[1], tonumber(ARGV[2])
-local freed = 0
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local leased = redis.call('HGET', P .. ':leased', id)
-  if leased and string.sub(leased, -1) == '0' then
-    redis.call('HSET', P .. ':leased', id, string.sub(leased, 1, -2) .. '1')
-    local meta = redis.call('HGET', P .. ':meta', id)
-    local slot = string.sub(meta, 1, string.find(meta, '|', 1, true) - 1)
-    redis.call('HINCRBY', P .. ':inflight', slot, -1)
-    if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
-    freed = freed + 1
+-- P:meta holds "slot|priority"; a slot's name may hold a |, a priority not.
+local function slot_of(meta)
+  return string.match(meta, '^(.*)|[^|]*$')
+end
+
+-- A place of a slot given back: the crawl's count and its machine's.
+local function free_place(P, slot, leased)
+  redis.call('HINCRBY', P .. ':inflight', slot, -1)
+  local held = string.sub(leased, 1, -3) .. '|' .. slot
+  if redis.call('HINCRBY', P .. ':held', held, -1) <= 0 then
+    redis.call('HDEL', P .. ':held', held)
   end
 end
-return freed
-"""
 
-# Each id was handled: its lease ends (released first if it was not).
-# ARGV: P, now, ids...
-_ACK = _SETTLE_SLOT + """
-local P, now = ARGV[1], tonumber(ARGV[2])
-local done = 0
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local leased = redis.call('HGET', P .. ':leased', id)
-  if leased then
-    local meta = redis.call('HGET', P .. ':meta', id)
-    local slot = string.sub(meta, 1, string.find(meta, '|', 1, true) - 1)
-    if string.sub(leased, -1) == '0' then
-      redis.call('HINCRBY', P .. ':inflight', slot, -1)
-      if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
+-- The download of each id ended: its place in the slot is free.
+local function release(P, now, A, first, last)
+  local freed = 0
+  local touched = {}
+  for i = first, last do
+    local id = A[i]
+    local leased = redis.call('HGET', P .. ':leased', id)
+    if leased and string.sub(leased, -1) == '0' then
+      redis.call('HSET', P .. ':leased', id, string.sub(leased, 1, -2) .. '1')
+      local slot = slot_of(redis.call('HGET', P .. ':meta', id))
+      free_place(P, slot, leased)
+      touched[slot] = true
+      freed = freed + 1
+    end
+  end
+  settle_all(P, touched, now)
+  return freed
+end
+
+-- Each id was handled: its lease ends (released first if it was not).
+local function ack(P, now, A, first, last)
+  local done = 0
+  local touched = {}
+  for i = first, last do
+    local id = A[i]
+    local leased = redis.call('HGET', P .. ':leased', id)
+    if leased then
+      local slot = slot_of(redis.call('HGET', P .. ':meta', id))
+      if string.sub(leased, -1) == '0' then
+        free_place(P, slot, leased)
+        touched[slot] = true
+      end
+      redis.call('HDEL', P .. ':leased', id)
+      redis.call('ZREM', P .. ':leases', id)
+      redis.call('HDEL', P .. ':blob', id)
+      redis.call('HDEL', P .. ':meta', id)
+      done = done + 1
+    end
+  end
+  settle_all(P, touched, now)
+  return done
+end
+
+-- Leases past their deadline go back to their queue, at their old place:
+-- the ids put back.
+local function reap(P, now, limit)
+  local late = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, limit)
+  local touched = {}
+  for _, id in ipairs(late) do
+    local leased = redis.call('HGET', P .. ':leased', id)
+    local slot, priority = string.match(redis.call('HGET', P .. ':meta', id), '^(.*)|([^|]*)$')
+    local score = -tonumber(priority) * %(scale)d + tonumber(id)
+    if leased and string.sub(leased, -1) == '0' then
+      free_place(P, slot, leased)
     end
     redis.call('HDEL', P .. ':leased', id)
     redis.call('ZREM', P .. ':leases', id)
-    redis.call('HDEL', P .. ':blob', id)
-    redis.call('HDEL', P .. ':meta', id)
-    done = done + 1
+    redis.call('ZADD', P .. ':q:' .. slot, score, id)
+    redis.call('INCR', P .. ':queued')
+    touched[slot] = true
   end
+  settle_all(P, touched, now)
+  return late
 end
-return done
-"""
 
-# Leases past their deadline go back to their queue, at their old place.
-# ARGV: P, now, limit. Returns the ids put back.
-_REAP = _SETTLE_SLOT + """
-local P, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local late = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(late) do
-  local leased = redis.call('HGET', P .. ':leased', id)
-  local meta = redis.call('HGET', P .. ':meta', id)
-  local sep = string.find(meta, '|', 1, true)
-  local slot = string.sub(meta, 1, sep - 1)
-  local score = -tonumber(string.sub(meta, sep + 1)) * %(scale)d + tonumber(id)
-  if leased and string.sub(leased, -1) == '0' then
-    redis.call('HINCRBY', P .. ':inflight', slot, -1)
+-- Extend the deadline of leases still being worked on.
+local function renew(P, deadline, A, first, last)
+  local renewed = 0
+  for i = first, last do
+    if redis.call('ZADD', P .. ':leases', 'XX', 'CH', deadline, A[i]) == 1 then
+      renewed = renewed + 1
+    elseif redis.call('ZSCORE', P .. ':leases', A[i]) then
+      renewed = renewed + 1
+    end
   end
-  redis.call('HDEL', P .. ':leased', id)
-  redis.call('ZREM', P .. ':leases', id)
-  redis.call('ZADD', P .. ':q:' .. slot, score, id)
-  redis.call('INCR', P .. ':queued')
-  if redis.call('ZSCORE', P .. ':waiting', slot) == false then settle(P, slot, now) end
+  return renewed
 end
-return late
-""".replace("%(scale)d", str(_PRIORITY_SCALE))
+""".replace("%(scale)d", str(_PRIORITY_SCALE)).replace("%(skip)d", str(_SKIP_MAX))
 
-# Extend the deadline of leases still being worked on. ARGV: P, deadline, ids...
-_RENEW = """
-local P, deadline = ARGV[1], tonumber(ARGV[2])
-local renewed = 0
-for i = 3, #ARGV do
-  if redis.call('ZADD', P .. ':leases', 'XX', 'CH', deadline, ARGV[i]) == 1 then
-    renewed = renewed + 1
-  elseif redis.call('ZSCORE', P .. ':leases', ARGV[i]) then
-    renewed = renewed + 1
+# One script each: ARGV: P, now (or the deadline, for renew), then the
+# operation's arguments.
+_PUSH = _FUNCTIONS + "return push(ARGV[1], tonumber(ARGV[2]), ARGV, 3, #ARGV)"
+_LEASE = _FUNCTIONS + ("return lease(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),"
+                       " tonumber(ARGV[5]))")
+_RELEASE = _FUNCTIONS + "return release(ARGV[1], tonumber(ARGV[2]), ARGV, 3, #ARGV)"
+_ACK = _FUNCTIONS + "return ack(ARGV[1], tonumber(ARGV[2]), ARGV, 3, #ARGV)"
+_REAP = _FUNCTIONS + "return reap(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))"
+_RENEW = _FUNCTIONS + "return renew(ARGV[1], tonumber(ARGV[2]), ARGV, 3, #ARGV)"
+
+# A machine's job, in one round trip, in this order: its pushes (before the
+# acknowledgements of the pages that made them), releases, acknowledgements,
+# renewals, reaping, leasing; then its own state in P:machines, the machines
+# that died forgotten, and the crawl's counts. ARGV: P, now, machine, want,
+# visibility, renewal deadline, reap limit (0: none), machine state
+# ("starting|until" or "running|until"), then the counts of pushes (entries),
+# releases, acknowledgements and renewals, then their arguments in that
+# order. Returns {added, reaped ids, leased (flat), queued, leases out,
+# machines starting}.
+_TICK = _FUNCTIONS + """
+local P, now, machine = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local want, visibility = tonumber(ARGV[4]), tonumber(ARGV[5])
+local deadline, reap_limit, state = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local n_push, n_release = tonumber(ARGV[9]), tonumber(ARGV[10])
+local n_ack, n_renew = tonumber(ARGV[11]), tonumber(ARGV[12])
+local i = 13
+local added = push(P, now, ARGV, i, i + 6 * n_push - 1)
+i = i + 6 * n_push
+release(P, now, ARGV, i, i + n_release - 1)
+i = i + n_release
+ack(P, now, ARGV, i, i + n_ack - 1)
+i = i + n_ack
+renew(P, deadline, ARGV, i, i + n_renew - 1)
+local reaped = {}
+if reap_limit > 0 then reaped = reap(P, now, reap_limit) end
+local leased = {}
+if want > 0 then leased = lease(P, now, machine, want, visibility) end
+redis.call('HSET', P .. ':machines', machine, state)
+local machines = redis.call('HGETALL', P .. ':machines')
+local starting = 0
+for j = 1, #machines, 2 do
+  local value = machines[j + 1]
+  local sep = string.find(value, '|', 1, true)
+  if tonumber(string.sub(value, sep + 1)) < now then
+    redis.call('HDEL', P .. ':machines', machines[j])  -- died without leaving
+  elseif string.sub(value, 1, sep - 1) == 'starting' then
+    starting = starting + 1
   end
 end
-return renewed
+local queued = tonumber(redis.call('GET', P .. ':queued') or '0')
+local out = redis.call('ZCARD', P .. ':leases')
+return {added, reaped, leased, queued, out, starting}
 """
 
 
@@ -244,6 +354,33 @@ class Leased:
     blob: bytes
 
 
+@dataclass
+class Job:
+    """What one machine sends in one tick."""
+
+    machine: str
+    #: "starting|<until>" or "running|<until>": whether the machine is still
+    #: in its spider's start(), and when it counts as dead if not heard of.
+    state: str
+    push: list[Entry] = field(default_factory=list)
+    release: list[bytes] = field(default_factory=list)
+    ack: list[bytes] = field(default_factory=list)
+    renew: list[bytes] = field(default_factory=list)
+    renew_deadline: float = 0.0
+    reap: bool = False
+    want: int = 0
+    visibility_s: float = 60.0
+
+
+@dataclass
+class JobResult:
+    added: int
+    reaped: list[bytes]
+    leased: list[Leased]
+    #: The crawl's: requests queued, leases out, machines still starting.
+    state: tuple[int, int, int]
+
+
 class FrontierStore:
     """The frontier's operations, each one Redis round trip; *prefix* names
     the crawl (every machine of a crawl uses the same)."""
@@ -257,19 +394,26 @@ class FrontierStore:
         self._ack = redis.register_script(_ACK)
         self._reap = redis.register_script(_REAP)
         self._renew = redis.register_script(_RENEW)
+        self._tick = redis.register_script(_TICK)
+
+    async def tick(self, job: Job, now: float, reap_limit: int = 1000) -> JobResult:
+        """A machine's whole job in one round trip (see _TICK)."""
+        args: list[Any] = [
+            self.prefix, now, job.machine, job.want, job.visibility_s, job.renew_deadline,
+            reap_limit if job.reap else 0, job.state,
+            len(job.push), len(job.release), len(job.ack), len(job.renew),
+            *_push_args(job.push), *job.release, *job.ack, *job.renew,
+        ]
+        added, reaped, flat, queued, out, starting = await self._tick(args=args)
+        return JobResult(int(added), list(reaped),
+                         [Leased(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)],
+                         (int(queued), int(out), int(starting)))
 
     async def push(self, entries: list[Entry], now: float) -> int:
         """Queue the entries not seen before; how many were queued."""
         if not entries:
             return 0
-        args: list[Any] = [self.prefix, now]
-        for entry in entries:
-            if not -_PRIORITY_BOUND <= entry.priority <= _PRIORITY_BOUND:
-                raise ValueError(f"priority {entry.priority} is outside"
-                                 f" +-{_PRIORITY_BOUND}, which the Redis frontier orders")
-            args += [entry.fingerprint.hex() if entry.fingerprint is not None else "",
-                     entry.slot, entry.concurrency, entry.delay_s, entry.priority, entry.blob]
-        return int(await self._push(args=args))
+        return int(await self._push(args=[self.prefix, now, *_push_args(entries)]))
 
     async def lease(self, machine: str, count: int, visibility_s: float,
                     now: float) -> list[Leased]:
@@ -303,3 +447,14 @@ class FrontierStore:
         pipe.zcard(f"{self.prefix}:leases")
         queued, leases = await pipe.execute()
         return int(queued or 0), int(leases)
+
+
+def _push_args(entries: list[Entry]) -> list[Any]:
+    args: list[Any] = []
+    for entry in entries:
+        if not -_PRIORITY_BOUND <= entry.priority <= _PRIORITY_BOUND:
+            raise ValueError(f"priority {entry.priority} is outside"
+                             f" +-{_PRIORITY_BOUND}, which the Redis frontier orders")
+        args += [entry.fingerprint.hex() if entry.fingerprint is not None else "",
+                 entry.slot, entry.concurrency, entry.delay_s, entry.priority, entry.blob]
+    return args
