@@ -87,11 +87,6 @@ class Addon:
         config = SpeedupConfig.from_settings(settings)
         if not config.enabled:
             return
-        if config.frontier is not None and config.crawl_processes > 1:
-            raise SpeedupSettingsError(
-                "SPEEDUP_FRONTIER_URL with SPEEDUP_CRAWL_PROCESSES above 1 is not supported"
-                " yet: start one `scrapy crawl` per core instead (each joins the crawl)"
-            )
         if config.coordinates:
             if self.crawler is None:
                 raise SpeedupSettingsError(
@@ -105,6 +100,10 @@ class Addon:
         settings.set_in_component_priority_dict("EXTENSIONS", SpeedupExtension, 0)
         self._hold_slot_limits(settings)
         if config.coordinates:
+            if config.frontier is not None:
+                # The machine's frontier scheduler is the Redis one, which the
+                # coordinator's dispatcher wraps; its engines lease from it.
+                self._on_redis(settings, config)
             self._as_coordinator(settings, config)
             # Started from here, the main thread: it then ignores Ctrl-C, which
             # would otherwise kill it, and the engines it starts, mid-start.
@@ -112,7 +111,7 @@ class Addon:
             return
         if config.engine_index is not None:
             self._as_engine(settings, config, config.engine_index)
-        if config.frontier is not None:
+        if config.frontier is not None and config.engine_index is None:
             self._on_redis(settings, config)
         if config.adaptive_enabled:
             from scrapy_speedup.adaptive import AdaptiveConcurrencyMiddleware

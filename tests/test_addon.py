@@ -128,7 +128,6 @@ def test_a_redis_frontier_takes_the_scheduler_and_the_crawls_limits() -> None:
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"SPEEDUP_CRAWL_PROCESSES": 2}, "not supported yet"),
     ({"JOBDIR": "/tmp/job"}, "leave JOBDIR unset"),
     ({"SCHEDULER": "tests.test_addon.HeavyPipeline"}, "leave SCHEDULER"),
     ({"CLOSESPIDER_TIMEOUT_NO_ITEM": 5}, "CLOSESPIDER_TIMEOUT_NO_ITEM is not supported"),

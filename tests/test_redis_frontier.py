@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import re
 import signal
 import time
 import urllib.request
@@ -31,7 +33,7 @@ def redis() -> Iterator[RedisServer]:
 
 
 def machines(tmp_path: Path, redis: RedisServer, count: int, site: str,
-             **settings: object) -> list[Crawl]:
+             args: dict[str, object] | None = None, **settings: object) -> list[Crawl]:
     name = f"crawl{next(_crawls)}"
     crawls = []
     for i in range(count):
@@ -40,7 +42,7 @@ def machines(tmp_path: Path, redis: RedisServer, count: int, site: str,
         crawls.append(Crawl(folder, spider="follow", settings={
             "SPEEDUP_FRONTIER_URL": redis.url, "SPEEDUP_FRONTIER_NAME": name,
             "CONCURRENT_REQUESTS": 8, **settings,
-        }, args={"site": site, "start_path": "/p/0"}))
+        }, args={"site": site, "start_path": "/p/0", **(args or {})}))
     return crawls
 
 
@@ -68,6 +70,59 @@ def test_machines_crawl_one_site_once(tmp_path: Path, redis: RedisServer) -> Non
     for result in results:
         assert result.stat("speedup/frontier/pushed_count") <= 301, result.stats
         assert result.stat("speedup/frontier/round_trip_count") >= 1
+
+
+
+def test_machines_with_engine_processes_crawl_one_site_once(tmp_path: Path,
+                                                            redis: RedisServer) -> None:
+    """Each machine runs SPEEDUP_CRAWL_PROCESSES engine processes: its
+    coordinator leases from Redis and lends to its engines; an engine's
+    requests go to Redis, and a lease ends there once its engine handled it
+    and its items passed the machine's pipelines."""
+    shape = ("--pages", "300", "--links", "4", "--shape", "random", "--seed", "7")
+    with graph_site(*shape, "--latency-ms", "5") as site:
+        crawls = machines(tmp_path, redis, 2, site, SPEEDUP_CRAWL_PROCESSES=2)
+        results = [crawl.result(180) for crawl in crawls]
+    for result in results:
+        assert result.returncode == 0, result.log[-4000:]
+        assert result.stats["finish_reason"] == "finished"
+        assert result.stat("speedup/crawl/processes") == 2
+        assert result.stat("speedup/frontier/leased_count") >= 1
+    paths = union(results)
+    assert max(paths.values()) == 1, [p for p, n in paths.items() if n > 1]
+    assert set(paths) == expected_pages(300, 4, seed=7, shape="random")
+    # Each machine's pages were crawled in its engine processes, not in it.
+    for crawl, result in zip(crawls, results, strict=True):
+        pids = {item["pid"] for item in result.items}
+        assert pids and crawl.process.pid not in pids, pids
+
+
+
+def test_an_engine_killed_in_a_machine_loses_no_page(tmp_path: Path,
+                                                     redis: RedisServer) -> None:
+    """An engine process of a machine dies mid-crawl: the pages it was
+    handling are crawled again under the leases their machine holds (not
+    pushed again as new requests, not left leased until the crawl hangs)."""
+    shape = ("--pages", "300", "--links", "4", "--shape", "tree")
+    with graph_site(*shape, "--latency-ms", "30") as site:
+        # Callbacks of 50 ms: the engine killed holds pages downloaded and
+        # not yet handled.
+        (crawl,) = machines(tmp_path, redis, 1, site, {"handle_ms": 50},
+                            SPEEDUP_CRAWL_PROCESSES=2, CONCURRENT_REQUESTS=8,
+                            LOG_LEVEL="DEBUG")
+        crawl.wait_for_log(r"engine processes crawl for this one")
+        pids = [int(p) for p in re.search(r"\(pids ([\d, ]+)\)",
+                                          crawl.log_file.read_text())[1].split(", ")]
+        crawl.wait_for_log(r"Crawled \(200\).*/p/2\d")
+        os.kill(pids[0], signal.SIGKILL)
+        result = crawl.result(180)
+    assert result.returncode == 0, result.log[-4000:]
+    assert result.stats["finish_reason"] == "finished"
+    assert result.stats["speedup/crawl/process_crash_count"] == 1
+    paths = crawled_paths(result.items)
+    assert max(paths.values()) == 1 and set(paths) == expected_pages(300, 4, shape="tree")
+    assert result.stat("speedup/crawl/requeued_count") >= 1, result.stats
+    assert result.stat("speedup/frontier/leased_count") == 300  # none pushed again
 
 
 def test_a_machine_killed_mid_crawl_loses_no_page(tmp_path: Path, redis: RedisServer) -> None:

@@ -139,11 +139,15 @@ class Coordinator:
         enqueue: Callable[[Request], None], requeue: Callable[[Request], None],
         seen: Callable[[bytes], bool],
         wake: Callable[[], None], on_closed: Callable[[], None],
+        handled: Callable[[Request], None] | None = None,
     ) -> None:
         self.crawler = crawler
         self.config = config
         self.bridge = bridge
         self._enqueue = enqueue
+        # Told when a lent request is done with: handled, its items through
+        # the crawl's pipelines (or dropped as poison).
+        self._handled = handled
         self._seen = seen
         self._requeue = requeue
         self._wake = wake
@@ -463,8 +467,9 @@ class Coordinator:
                 self._next_suspect()
             if held.waiter is not None:
                 self.bridge.resolve(held.waiter, HANDLED)
-            for blob in held.items:
-                self._commit(blob)
+            done = partial(self._handled, held.request) \
+                if self._handled is not None and held.request is not None else None
+            self._commit_all(held.items, done)
         if report.stats is not None:
             engine.stats.update(report.stats)
             self._engine_stats_changed()
@@ -484,7 +489,27 @@ class Coordinator:
                 engine.cookie_outbox.extend(updates)
         self._flush_soon()
 
-    def _commit(self, blob: bytes) -> None:
+    def _commit_all(self, blobs: list[bytes], done: Callable[[], None] | None) -> None:
+        """Commit a lease's items; ``done()`` once every one has left the
+        crawl's pipelines."""
+        if done is None or not blobs:
+            for blob in blobs:
+                self._commit(blob)
+            if done is not None:
+                done()
+            return
+        left = len(blobs)
+
+        def one_done() -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                done()
+
+        for blob in blobs:
+            self._commit(blob, one_done)
+
+    def _commit(self, blob: bytes, done: Callable[[], None] | None = None) -> None:
         """Send an item from an engine through the crawl's pipelines (and so
         to the feeds). The scraper counts it at once, so that the crawl is
         not idle and its close waits for it."""
@@ -494,21 +519,25 @@ class Coordinator:
             self.stats.inc_value(_STAT + "item_error_count")
             logger.error("scrapy-speedup: an item from an engine process could not be"
                          " unpickled (%r); it is lost", exc, extra={"crawler": self.crawler})
+            if done is not None:
+                done()
             return
         from scrapy.utils.defer import _schedule_coro
 
         scraper = self.crawler.engine.scraper
         assert scraper.slot is not None
         scraper.slot.itemproc_size += 1
-        _schedule_coro(self._process_item(item))
+        _schedule_coro(self._process_item(item, done))
 
-    async def _process_item(self, item: Any) -> None:
+    async def _process_item(self, item: Any, done: Callable[[], None] | None) -> None:
         scraper = self.crawler.engine.scraper
         assert scraper.slot is not None
         scraper.slot.itemproc_size -= 1  # start_itemproc_async counts it from here
         try:
             await scraper.start_itemproc_async(item, response=None)
         finally:
+            if done is not None:
+                done()
             self._wake()
 
     def _engine_stats_changed(self) -> None:
@@ -611,6 +640,8 @@ class Coordinator:
                 lost += 1
             elif crashed and self._poison(held.request, alone):
                 poisoned += 1
+                if self._handled is not None:
+                    self._handled(held.request)  # done with: not crawled again
             else:
                 self._requeue(held.request)
         requeued = len(engine.leases) - lost - poisoned

@@ -94,9 +94,16 @@ class FrontierScheduler(BaseScheduler):
             await maybe_deferred_to_future(result)
         engine = self.crawler.engine
         bridge = SpeedupExtension.of(self.crawler).bridge
+        # A scheduler that leases from a frontier of its own (the Redis
+        # frontier's) is told when each request is done with, and wakes the
+        # dispatcher when leases arrive.
+        handled = getattr(self.inner, "request_handled", None)
+        if hasattr(self.inner, "on_leased"):
+            self.inner.on_leased = self.pump_soon
         self.coordinator = Coordinator(
             self.crawler, self.config, bridge, enqueue=self._enqueue, requeue=self.requeue,
             seen=self._seen, wake=self._wake_engine, on_closed=self._engines_closed,
+            handled=handled,
         )
         # Every way the crawl closes goes through the engine's
         # close_spider_async: the engines are asked to close at once (no
@@ -303,8 +310,10 @@ class FrontierScheduler(BaseScheduler):
         """Put back a request that was leased and not handled: past the
         dupefilter, which has seen it."""
         self.crawler.stats.inc_value("speedup/crawl/requeued_count")
-        self.inner.enqueue_request(request.replace(dont_filter=True) if not request.dont_filter
-                                   else request)
+        requeue_leased = getattr(self.inner, "requeue_leased", None)
+        if requeue_leased is None or not requeue_leased(request):
+            self.inner.enqueue_request(request.replace(dont_filter=True)
+                                       if not request.dont_filter else request)
         self.pump_soon()
 
     # -- the dispatcher ------------------------------------------------------------

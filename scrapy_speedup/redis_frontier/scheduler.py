@@ -48,6 +48,7 @@ from scrapy_speedup.redis_frontier.link import RedisLink
 from scrapy_speedup.redis_frontier.store import Entry, FrontierStore, Job, JobResult
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Self
 
     from scrapy import Spider
@@ -148,6 +149,9 @@ class RedisScheduler(BaseScheduler):
         self.link: RedisLink | None = None
         self.store: FrontierStore | None = None
         self.feeds = FeedFlusher(crawler)
+        #: Called when leases arrive. Under engine processes, the
+        #: coordinator's dispatcher sets it; else the engine looks.
+        self.on_leased: Callable[[], None] | None = None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -168,7 +172,7 @@ class RedisScheduler(BaseScheduler):
 
         def remove_request(request: Request) -> None:
             original(request)
-            self._handled(request)
+            self.request_handled(request)
 
         engine_slot.remove_request = remove_request  # type: ignore[method-assign]
         self.crawler.signals.connect(self._response_downloaded, signals.response_downloaded)
@@ -353,12 +357,27 @@ class RedisScheduler(BaseScheduler):
             self._release.append(lease)
             self._soon()
 
-    def _handled(self, request: Request) -> None:
+    def request_handled(self, request: Request) -> None:
+        """Its response handled, its items through the pipelines: the lease
+        ends (the engine's own request removal says so in one process; the
+        coordinator of engine processes calls it)."""
         lease = self.lease_of.pop(request, None)
         if lease is not None:
             self._released.discard(lease)
             self._ack.append(lease)
             self._soon()
+
+    def requeue_leased(self, request: Request) -> bool:
+        """An engine process died with *request* downloaded but not handled:
+        it is crawled again here, under the lease this machine holds (no
+        other machine may take it meanwhile). Whether it was leased here."""
+        lease = self.lease_of.pop(request, None)
+        if lease is None:
+            return False
+        blob = pickle.dumps(request.to_dict(spider=self.crawler.spider),
+                            protocol=pickle.HIGHEST_PROTOCOL)
+        self.queue.appendleft((lease, blob))
+        return True
 
     # -- the job --------------------------------------------------------------------------
 
@@ -370,10 +389,9 @@ class RedisScheduler(BaseScheduler):
         """How many requests to lease now: enough to keep this machine's
         downloads busy and a batch waiting, no more (a lease waiting here
         holds its site's place for the whole crawl)."""
-        engine = self.crawler.engine
         total = self.crawler.settings.getint("CONCURRENT_REQUESTS") or 16
-        in_progress = len(engine._slot.inprogress) if engine._slot is not None else 0
-        return max(0, 2 * total - in_progress - len(self.queue))
+        # Taken from here and not yet handled: the crawl's requests in progress.
+        return max(0, 2 * total - len(self.lease_of) - len(self.queue))
 
     def _tick(self) -> None:
         """Send what this machine has for the frontier, and lease what it has
@@ -452,7 +470,9 @@ class RedisScheduler(BaseScheduler):
             stats.inc_value(_STAT + "lease_message_count")
         self._look(result.state)
         engine_slot = getattr(self.crawler.engine, "_slot", None)
-        if result.leased and engine_slot is not None:
+        if result.leased and self.on_leased is not None:
+            self.on_leased()
+        elif result.leased and engine_slot is not None:
             engine_slot.nextcall.schedule()
         busy = self._push or self._release or self._ack or result.leased
         if not self._closed:

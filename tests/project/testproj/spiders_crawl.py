@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from urllib.parse import urlparse
 
 import scrapy
@@ -11,13 +12,15 @@ from scrapy.exceptions import CloseSpider
 
 class FollowSpider(scrapy.Spider):
     """Follows every link of the demo site from its home page: most links are
-    to pages already seen (related products, the navigation)."""
+    to pages already seen (related products, the navigation). ``handle_ms``
+    makes each callback block that long (pages downloaded wait their turn)."""
 
     name = "follow"
     custom_settings = {"ITEM_PIPELINES": {}}
 
-    def __init__(self, site, close_at="", start_path="/", **kwargs):
+    def __init__(self, site, close_at="", start_path="/", handle_ms="0", **kwargs):
         super().__init__(**kwargs)
+        self.handle_s = float(handle_ms) / 1000
         self.site = site.rstrip("/")
         self.host = urlparse(self.site).netloc
         self.close_at = close_at
@@ -29,6 +32,8 @@ class FollowSpider(scrapy.Spider):
     def parse(self, response):
         if self.close_at and response.url.endswith(self.close_at):
             raise CloseSpider("asked_by_a_callback")
+        if self.handle_s:
+            time.sleep(self.handle_s)
         yield {"url": response.url, "title": response.css("title::text").get(),
                "pid": os.getpid()}
         for href in response.css("a::attr(href)").getall():
