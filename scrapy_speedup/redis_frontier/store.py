@@ -24,6 +24,9 @@ Keys, under the crawl's prefix ``P`` (``<spider>`` by default):
 ``P:leases``           zset    leased request ids, by the lease's deadline
 ``P:leased``           hash    request id -> "machine|released" (0 or 1)
 ``P:queued``           string  requests queued in all slots
+``P:start_urls``       list,   start URLs pushed by the crawl's tooling
+                       set or  (scrapy-redis's key and formats; the key's name
+                       zset    is a setting): moved into the frontier as needed
 =====================  ======  ==================================================
 
 A slot is in ``P:ready`` exactly when it has a queued request, fewer than its
@@ -33,6 +36,14 @@ room. A request's download ending (``release``) frees its place at once; its
 acknowledgement (``ack``, the response handled, its requests and items sent)
 ends the lease. A lease past its deadline (its machine died, or hung) is put
 back in its queue by ``reap``, past the dupefilter.
+
+A start URL entry is moved from its key into the frontier, as it is, by the
+script that pops it (``take_start_urls``): it is never out of Redis. It is
+queued in a slot of its own (:data:`START_SLOT`, no limits) and leased like
+a request; the machine that leases it makes its request, pushes that, and
+acknowledges the entry after the push. A machine that dies meanwhile stops
+renewing the lease, and the entry goes back to the frontier for another; a
+request pushed twice so is dropped by the dupefilter.
 """
 
 from __future__ import annotations
@@ -43,13 +54,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["Entry", "FrontierStore", "Leased"]
+__all__ = ["PRIORITY_BOUND", "START_MARK", "START_SLOT", "Entry", "FrontierStore", "Leased",
+           "StartKey"]
 
 # Scores order a slot's queue: priority first, then arrival. A double holds
 # integers exactly up to 2**53: 2**40 arrivals (a trillion requests) under
 # each of +-2**12 priorities.
 _PRIORITY_SCALE = 2**40
-_PRIORITY_BOUND = 2**12 - 1
+PRIORITY_BOUND = 2**12 - 1
+
+#: The slot of start URL entries not yet made into requests: not a host name
+#: (no host has "<"), so no download slot shares it.
+START_SLOT = "<start_urls>"
+#: Before a start URL entry's bytes in ``P:blob``: a leased blob that starts
+#: with it is an entry, not a pickled request (a pickle starts with 0x80).
+START_MARK = b"\0start-url\0"
+# No limit on the slot of start URL entries: making their requests is local.
+_START_CONCURRENCY = 2**31
 
 # Shared by the scripts: make a slot ready, waiting or neither, from its state.
 _SETTLE_SLOT = """
@@ -222,6 +243,55 @@ end
 return renewed
 """
 
+# Move start URL entries from their key (ARGV[2]) into the frontier, at most
+# as many as there is room for in the start slot's queue (ARGV[4], the
+# machine's want): the key stays the buffer its tooling watches. A list is
+# read from its head (as scrapy-redis does: ``lpush`` serves the last pushed
+# first), a sorted set from its highest score. An entry's queue is ordered by
+# the "priority" of its JSON object, if it has one, so that it is made into
+# its request as soon as that request's priority says.
+# ARGV: P, key, now, want. Returns {taken, left in the key, the key's type}.
+_TAKE_STARTS = _SETTLE_SLOT + """
+local P, key, now, want = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local kind = redis.call('TYPE', key)['ok']
+local size = 0
+if kind == 'list' then size = redis.call('LLEN', key)
+elseif kind == 'set' then size = redis.call('SCARD', key)
+elseif kind == 'zset' then size = redis.call('ZCARD', key)
+elseif kind ~= 'none' then return {0, 0, kind} end
+local n = math.min(size, want - redis.call('ZCARD', P .. ':q:' .. SLOT))
+if n <= 0 then return {0, size, kind} end
+local taken
+if kind == 'list' then
+  taken = redis.call('LRANGE', key, 0, n - 1)
+  redis.call('LTRIM', key, n, -1)
+elseif kind == 'set' then
+  taken = redis.call('SPOP', key, n)
+else
+  taken = redis.call('ZREVRANGE', key, 0, n - 1)
+  redis.call('ZREMRANGEBYRANK', key, -n, -1)
+end
+redis.call('HSET', P .. ':slot', SLOT, '%(concurrency)d|0')
+for _, data in ipairs(taken) do
+  local priority = 0
+  if string.sub(data, 1, 1) == '{' then
+    local ok, decoded = pcall(cjson.decode, data)
+    if ok and type(decoded) == 'table' and type(decoded['priority']) == 'number' then
+      priority = math.max(-%(bound)d, math.min(%(bound)d, math.floor(decoded['priority'])))
+    end
+  end
+  local id = redis.call('INCR', P .. ':seq')
+  redis.call('HSET', P .. ':blob', id, MARK .. data)
+  redis.call('HSET', P .. ':meta', id, SLOT .. '|' .. priority)
+  redis.call('ZADD', P .. ':q:' .. SLOT, -priority * %(scale)d + id, id)
+end
+redis.call('INCRBY', P .. ':queued', #taken)
+settle(P, SLOT, now)
+return {#taken, size - #taken, kind}
+""".replace("%(scale)d", str(_PRIORITY_SCALE)).replace("%(bound)d", str(PRIORITY_BOUND)) \
+    .replace("%(concurrency)d", str(_START_CONCURRENCY)) \
+    .replace("SLOT", "'" + START_SLOT + "'").replace("MARK", "'\\0start-url\\0'")
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -244,6 +314,19 @@ class Leased:
     blob: bytes
 
 
+@dataclass(frozen=True)
+class StartKey:
+    """What one look at the start URLs key found."""
+
+    #: Entries moved into the frontier.
+    taken: int
+    #: Entries left in the key.
+    left: int
+    #: The key's Redis type: "none" (no key), "list", "set", "zset", or
+    #: another, which is not read.
+    kind: str
+
+
 class FrontierStore:
     """The frontier's operations, each one Redis round trip; *prefix* names
     the crawl (every machine of a crawl uses the same)."""
@@ -257,6 +340,7 @@ class FrontierStore:
         self._ack = redis.register_script(_ACK)
         self._reap = redis.register_script(_REAP)
         self._renew = redis.register_script(_RENEW)
+        self._take_starts = redis.register_script(_TAKE_STARTS)
 
     async def push(self, entries: list[Entry], now: float) -> int:
         """Queue the entries not seen before; how many were queued."""
@@ -264,9 +348,9 @@ class FrontierStore:
             return 0
         args: list[Any] = [self.prefix, now]
         for entry in entries:
-            if not -_PRIORITY_BOUND <= entry.priority <= _PRIORITY_BOUND:
+            if not -PRIORITY_BOUND <= entry.priority <= PRIORITY_BOUND:
                 raise ValueError(f"priority {entry.priority} is outside"
-                                 f" +-{_PRIORITY_BOUND}, which the Redis frontier orders")
+                                 f" +-{PRIORITY_BOUND}, which the Redis frontier orders")
             args += [entry.fingerprint.hex() if entry.fingerprint is not None else "",
                      entry.slot, entry.concurrency, entry.delay_s, entry.priority, entry.blob]
         return int(await self._push(args=args))
@@ -295,6 +379,13 @@ class FrontierStore:
     async def reap(self, now: float, limit: int = 1000) -> list[bytes]:
         """Put back the leases past their deadline; their ids."""
         return list(await self._reap(args=[self.prefix, now, limit]))
+
+    async def take_start_urls(self, key: str, want: int, now: float) -> StartKey:
+        """Move up to *want* start URL entries from *key* into the frontier
+        (fewer if some are queued there already)."""
+        taken, left, kind = await self._take_starts(args=[self.prefix, key, now, want])
+        return StartKey(int(taken), int(left), kind.decode() if isinstance(kind, bytes)
+                        else str(kind))
 
     async def counts(self) -> tuple[int, int]:
         """(requests queued, leases out)."""
