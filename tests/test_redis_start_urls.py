@@ -20,16 +20,25 @@ from urllib.parse import urlparse
 import pytest
 import redis as redis_client
 import scrapy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from scrapy_speedup.exceptions import SpeedupSettingsError
+from scrapy_speedup.redis_frontier.start_urls import FIELDS, BadStartUrlError, requests_from_entry
 from tests.conftest import Crawl, CrawlResult, start_capacity_site
 from tests.inprocess import crawl, inprocess, listening, make_crawler, reactor
 from tests.redis_server import RedisServer, redis_server
 
 _crawls = itertools.count()
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=3),
+    max_leaves=6,
+)
 _SCHEDULER_LOG = "scrapy_speedup.redis_frontier.scheduler"
 
 
@@ -209,6 +218,16 @@ BAD_ENTRIES = [
     (b'{"url": "http://a.example/", "priority": "high"}', '"priority" must be an integer'),
     (b'{"url": "http://a.example/", "meta": [1]}', '"meta" must be a JSON object'),
     (b'{"url": "http://a.example/", "colour": "red"}', 'unknown field "colour"'),
+    # Hostile ones: each once stopped the crawl, or would have sent it garbage.
+    (b"[" * 100_000, "not valid JSON"),
+    (b"http://a.example/" + b"x" * 5000, "past URLLENGTH_LIMIT (2083)"),
+    (b'{"url": "http://a.example/", "method": "GET\\r\\nX-Injected: 1"}',
+     "is not an HTTP method"),
+    (b'{"url": "http://a.example/", "headers": {"X-A": "1\\r\\nX-Injected: 1"}}',
+     "has a line break in it"),
+    (b'{"url": "http://a.example/", "body": "a=1", "formdata": {"a": "1"}}',
+     'both "body" and "formdata"'),
+    (b"http://a.example:99999/", "Port out of range"),
 ]
 
 
@@ -334,6 +353,57 @@ def test_scrapy_redis_stats_collector_is_refused(redis: RedisServer) -> None:
                        r"RedisStatsCollector'.*remove it"):
         make_crawler(StartsSpider, frontier(
             redis, crawl_name(), STATS_CLASS="scrapy_redis.stats.RedisStatsCollector"))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=200).map(str.encode),
+    st.dictionaries(st.sampled_from([*FIELDS, "other"]), JSON_VALUES, max_size=6).map(
+        lambda fields: json.dumps(fields).encode()),
+    st.fixed_dictionaries({"url": st.sampled_from(["http://a.example/", "https://b.example/x?q=1",
+                                                   "ftp://c", "//d", "http://[::1]/"])},
+                          optional={name: JSON_VALUES for name in FIELDS if name != "url"}).map(
+        lambda fields: json.dumps(fields).encode()),
+))
+def test_any_entry_is_a_request_or_refused_with_a_reason(data: bytes) -> None:
+    """Whatever the tooling pushed: requests, or BadStartUrlError, never
+    another exception (which would stop the machine's job)."""
+    try:
+        requests = requests_from_entry(data, StartsSpider(), 2083)
+    except BadStartUrlError as exc:
+        assert str(exc)
+    else:
+        assert all(isinstance(request, scrapy.Request) for request in requests)
+
+
+@inprocess
+async def test_a_big_key_and_big_entries(redis: RedisServer, client: redis_client.Redis) -> None:
+    """1,000 start URLs in one list, and an entry with a 2 MB body: all
+    crawled, the key emptied as machines have room, not at once."""
+    name = crawl_name()
+    pages = Pages()
+    body = "b" * 2_000_000
+    with listening(pages) as url:
+        client.rpush(f"{name}:start_urls", *[f"{url}/big/{n}" for n in range(1000)],
+                     json.dumps({"url": f"{url}/body", "method": "POST", "body": body}))
+        lengths: list[int] = []
+
+        def watch(crawler: Any) -> None:
+            def look() -> None:
+                lengths.append(client.llen(f"{name}:start_urls"))
+                if lengths[-1]:
+                    reactor.callLater(0.1, look)
+
+            look()
+
+        run = await crawl(StartsSpider, frontier(redis, name, CONCURRENT_REQUESTS=16),
+                          timeout=120, during=watch)
+    assert run.finish_reason == "finished"
+    assert paths(run.items) == Counter({**{f"/big/{n}": 1 for n in range(1000)}, "/body": 1})
+    assert pages.bodies["/body"] == body.encode()
+    # Taken a few batches at a time: the key is what is left to take.
+    assert len({n for n in lengths if 0 < n < 1001}) > 3, lengths
 
 
 # -- machines: `scrapy crawl` processes ------------------------------------------------------

@@ -545,24 +545,27 @@ class RedisScheduler(BaseScheduler):
 
     def _make_start_requests(self, entries: list[Leased]) -> None:
         """Make the requests of leased start URL entries, and send them: the
-        entries are acknowledged by the job that pushes their requests."""
+        entries are acknowledged by the job that pushes their requests (the
+        next, which _ran() schedules)."""
         engine, spider, stats = self.crawler.engine, self.crawler.spider, self.crawler.stats
         assert spider is not None
+        max_url_length = self.crawler.settings.getint("URLLENGTH_LIMIT")
         for entry in entries:
             data = entry.blob[len(START_MARK):]
             try:
-                requests = requests_from_entry(data, spider)
-            except BadStartUrlError as exc:
+                requests = requests_from_entry(data, spider, max_url_length)
+                for request in requests:
+                    engine.crawl(request)
+            except Exception as exc:  # noqa: BLE001 - one entry must not stop the crawl
                 stats.inc_value(_STAT + "start_url_error_count")
+                why = str(exc) if isinstance(exc, BadStartUrlError) else \
+                    f"{type(exc).__name__}: {exc}"
                 logger.error("scrapy-speedup: start URL entry %s from %r refused: %s",
-                             describe(data), self.start_key, exc,
+                             describe(data), self.start_key, why,
                              extra={"crawler": self.crawler})
             else:
                 stats.inc_value(_STAT + "start_url_count")
-                for request in requests:
-                    engine.crawl(request)
             self._ack.append(entry.id)
-        self._soon()
 
     # -- the crawl's end and Redis outages -----------------------------------------------
 

@@ -16,6 +16,7 @@ makes of the object's other fields). A spider with scrapy-redis's hook
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "url": str, "method": str, "headers": dict, "body": str, "meta": dict, "priority": int,
     "dont_filter": bool, "callback": str, "errback": str, "cb_kwargs": dict, "formdata": dict,
 }
+# RFC 9110's token: a method with a space or a line break in it would be
+# written into the request line as it is.
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # An entry is quoted in the log up to this length: enough to find it in the
 # tooling that pushed it, not a megabyte of it.
 _QUOTE_CHARS = 200
@@ -59,11 +63,20 @@ def describe(data: bytes) -> str:
     return text + (f" (… {len(data)} bytes)" if len(data) > _QUOTE_CHARS else "")
 
 
-def requests_from_entry(data: bytes, spider: Spider) -> list[Request]:
-    """The requests of one entry; :exc:`BadStartUrlError` if it is not one."""
+def requests_from_entry(data: bytes, spider: Spider, max_url_length: int = 0) -> list[Request]:
+    """The requests of one entry; :exc:`BadStartUrlError` if it is not one.
+    *max_url_length*: Scrapy's URLLENGTH_LIMIT, which its spider middleware
+    applies to the requests of callbacks and of ``start()`` (0: none)."""
     hook = getattr(spider, "make_request_from_data", None)
-    if callable(hook):
-        return _from_hook(hook, data)
+    requests = _from_hook(hook, data) if callable(hook) else _from_data(data, spider)
+    for request in requests:
+        if max_url_length and len(request.url) > max_url_length:
+            raise BadStartUrlError(f"a URL of {len(request.url)} characters, past"
+                                   f" URLLENGTH_LIMIT ({max_url_length})")
+    return requests
+
+
+def _from_data(data: bytes, spider: Spider) -> list[Request]:
     try:
         text = data.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
@@ -74,7 +87,7 @@ def requests_from_entry(data: bytes, spider: Spider) -> list[Request]:
         return [_request(Request, spider, text)]
     try:
         fields = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # [[[[... nested past the stack
         raise BadStartUrlError(f"not valid JSON ({exc})") from None
     if not isinstance(fields, dict):
         raise BadStartUrlError(f"a JSON {type(fields).__name__}, not a URL or a JSON object with"
@@ -95,6 +108,10 @@ def _from_fields(fields: dict[str, Any], spider: Spider) -> Request:
             raise BadStartUrlError(f'"{name}" must be {FIELDS[name]}, not {json.dumps(value)[:80]}')
     kwargs = dict(fields)
     url = kwargs.pop("url")
+    if "method" in kwargs and not _METHOD.fullmatch(kwargs["method"]):
+        raise BadStartUrlError(f'"method" ({kwargs["method"]!r}) is not an HTTP method')
+    if "body" in kwargs and "formdata" in kwargs:
+        raise BadStartUrlError('both "body" and "formdata": give one (formdata makes the body)')
     for name in ("callback", "errback"):
         if name in kwargs:
             method = getattr(spider, kwargs[name], None)
@@ -108,6 +125,8 @@ def _from_fields(fields: dict[str, Any], spider: Spider) -> Request:
             if not all(isinstance(v, str) for v in strings):
                 raise BadStartUrlError(f'"headers" values must be strings or lists of strings;'
                                        f" {key!r} is {json.dumps(value)[:80]}")
+            if any("\r" in v or "\n" in v for v in [key, *strings]):
+                raise BadStartUrlError(f'"headers" {key!r} has a line break in it')
     cls = FormRequest if "formdata" in kwargs else Request
     if "formdata" in kwargs:
         for key, value in kwargs["formdata"].items():
@@ -120,7 +139,7 @@ def _from_fields(fields: dict[str, Any], spider: Spider) -> Request:
 def _request(cls: type[Request], spider: Spider, url: str, **kwargs: Any) -> Request:
     try:
         return cls(url.strip(), **kwargs)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - Scrapy and w3lib raise several kinds
         # Scrapy's own words: "Missing scheme in request url: ..."
         raise BadStartUrlError(f"not a request Scrapy makes: {exc}") from None
 
