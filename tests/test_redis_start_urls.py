@@ -28,9 +28,11 @@ from twisted.web.server import NOT_DONE_YET
 
 from scrapy_speedup.exceptions import SpeedupSettingsError
 from scrapy_speedup.redis_frontier.start_urls import FIELDS, BadStartUrlError, requests_from_entry
+from scrapy_speedup.redis_frontier.store import START_MARK, FrontierStore
 from tests.conftest import Crawl, CrawlResult, start_capacity_site
 from tests.inprocess import crawl, inprocess, listening, make_crawler, reactor
 from tests.redis_server import RedisServer, redis_server
+from tests.test_redis_store import run
 
 _crawls = itertools.count()
 JSON_VALUES = st.recursive(
@@ -353,6 +355,42 @@ def test_scrapy_redis_stats_collector_is_refused(redis: RedisServer) -> None:
                        r"RedisStatsCollector'.*remove it"):
         make_crawler(StartsSpider, frontier(
             redis, crawl_name(), STATS_CLASS="scrapy_redis.stats.RedisStatsCollector"))
+
+
+def test_the_store_hands_each_entry_to_one_taker_and_back_if_unacknowledged(
+        redis: RedisServer) -> None:
+    """FrontierStore.take_start_urls against a real Redis, four takers at
+    once: each of 400 entries leased by exactly one; the leases one taker
+    never acknowledges (it died) come back after their deadline, whole."""
+    entries = [f"http://a.example/{n}".encode() for n in range(400)]
+
+    async def test(store: FrontierStore) -> None:
+        key = f"{store.prefix}:start_urls"
+        await store.redis.rpush(key, *entries)
+        got: list[list[bytes]] = [[] for _ in range(4)]
+
+        async def taker(i: int) -> None:
+            mine = FrontierStore(store.redis, store.prefix)
+            while True:
+                starts = await mine.take_start_urls(key, 7, now=0)
+                leased = await mine.lease(f"m{i}", 7, 30, now=0)
+                assert all(item.blob.startswith(START_MARK) for item in leased)
+                got[i] += [item.blob[len(START_MARK):] for item in leased]
+                if i:  # taker 0 "dies": it never acknowledges
+                    await mine.ack([item.id for item in leased], now=0)
+                if not leased and starts.left == 0:
+                    return
+
+        await asyncio.gather(*(taker(i) for i in range(4)))
+        assert sorted(data for each in got for data in each) == sorted(entries)  # each once
+        assert all(got), [len(each) for each in got]
+        assert await store.redis.exists(key) == 0
+        assert await store.reap(now=29) == []
+        assert len(await store.reap(now=31)) == len(got[0])
+        again = await store.lease("m1", 1000, 30, now=31)
+        assert sorted(item.blob[len(START_MARK):] for item in again) == sorted(got[0])
+
+    run(redis, test)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
