@@ -161,6 +161,17 @@ class Addon:
                 f"SPEEDUP_FRONTIER_URL replaces the scheduler, and SCHEDULER is {scheduler!r}:"
                 " leave SCHEDULER to Scrapy's default"
             )
+        stats_class = settings.get("STATS_CLASS")
+        stats_path = stats_class if isinstance(stats_class, str) else \
+            f"{getattr(stats_class, '__module__', '')}.{getattr(stats_class, '__qualname__', '')}"
+        if stats_path.startswith("scrapy_redis."):
+            # Its hash <spider>:stats is where the machines add up the crawl's
+            # counts: two writers of one hash, and its dates are not counts.
+            raise SpeedupSettingsError(
+                f"STATS_CLASS is {stats_path!r}, which writes the Redis hash <spider>:stats"
+                " that SPEEDUP_FRONTIER_URL keeps the crawl's counts in: remove it (each"
+                " machine logs its own and the crawl's counts at close)"
+            )
         for name in ("CLOSESPIDER_TIMEOUT_NO_ITEM", "CLOSESPIDER_PAGECOUNT_NO_ITEM"):
             if settings.getfloat(name):
                 raise SpeedupSettingsError(

@@ -341,6 +341,40 @@ class FrontierSettings:
     name: str | None
     visibility_timeout_seconds: float
     max_outage_seconds: float
+    #: The key of the crawl's start URLs (``%(name)s``: the spider's name);
+    #: None: ``<name>:start_urls``.
+    start_urls_key: str | None = None
+    #: How long the crawl, idle, waits for start URLs before it finishes;
+    #: ``math.inf``: for ever.
+    wait_for_start_urls_seconds: float = 0.0
+
+
+def _start_urls_key(settings: BaseSettings) -> str | None:
+    name = "SPEEDUP_FRONTIER_START_URLS_KEY"
+    key = _str(settings, name, None)
+    if key is None:
+        return None
+    try:
+        formatted = key % {"name": "spider"}
+    except (KeyError, ValueError, TypeError):
+        raise _error(name, key, 'a Redis key, with "%(name)s" for the spider\'s name and'
+                     ' "%%" for a "%"') from None
+    if not formatted.strip():
+        raise _error(name, key, "a Redis key, not blank")
+    return key
+
+
+def _wait_for_start_urls(settings: BaseSettings) -> float:
+    name = "SPEEDUP_FRONTIER_WAIT_FOR_START_URLS_SECONDS"
+    value = _raw(settings, name)
+    if isinstance(value, str) and value.strip().lower() == "forever":
+        return math.inf
+    try:
+        wait = _float(settings, name, 0.0, allow_zero=True)
+    except SpeedupSettingsError:
+        raise _error(name, value, 'a number of seconds (0: do not wait) or "forever"') from None
+    assert wait is not None
+    return wait
 
 
 def _frontier(settings: BaseSettings) -> FrontierSettings | None:
@@ -360,7 +394,8 @@ def _frontier(settings: BaseSettings) -> FrontierSettings | None:
         raise _error("SPEEDUP_FRONTIER_NAME", prefix, "a name without spaces")
     outage = _float(settings, "SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS", 300.0)
     assert outage is not None
-    return FrontierSettings(url, prefix, visibility, outage)
+    return FrontierSettings(url, prefix, visibility, outage, _start_urls_key(settings),
+                            _wait_for_start_urls(settings))
 
 
 #: The setting that scrapy-speedup sets in an engine process (its index). It

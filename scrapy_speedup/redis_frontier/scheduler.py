@@ -12,8 +12,14 @@ and spider, on any machine, takes part in one crawl.
   Leases held here are renewed; a machine that dies stops renewing them, and
   after ``SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS`` any machine puts them
   back in the frontier.
-- The crawl ends when no request is queued, none is leased, and no machine
-  is still in its spider's ``start()``, seen twice a second apart.
+- Start URLs pushed to ``<crawl>:start_urls`` (scrapy-redis's key, a list,
+  a set or a sorted set) are moved into the frontier by the job that pops
+  them, leased like requests, made into requests here, and acknowledged
+  once those are pushed (:mod:`.start_urls`, :mod:`.store`).
+- The crawl ends when no request is queued, none is leased, no start URL
+  waits in its key, and no machine is still in its spider's ``start()``,
+  seen twice a second apart (or, with
+  ``SPEEDUP_FRONTIER_WAIT_FOR_START_URLS_SECONDS``, that long).
 
 Every Redis call runs on the Redis thread (:mod:`.link`), one job at a time;
 the reactor only reads what the last job found.
@@ -22,6 +28,7 @@ the reactor only reads what the last job found.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import socket
@@ -45,7 +52,17 @@ from scrapy_speedup.redis_frontier.crawl_state import (
 )
 from scrapy_speedup.redis_frontier.feed_flush import FeedFlusher
 from scrapy_speedup.redis_frontier.link import RedisLink
-from scrapy_speedup.redis_frontier.store import Entry, FrontierStore, Job, JobResult
+from scrapy_speedup.redis_frontier.start_urls import BadStartUrlError, describe, requests_from_entry
+from scrapy_speedup.redis_frontier.store import (
+    PRIORITY_BOUND,
+    START_MARK,
+    Entry,
+    FrontierStore,
+    Job,
+    JobResult,
+    Leased,
+    StartKey,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -67,6 +84,9 @@ _STAT = "speedup/frontier/"
 # prefetch as room frees up, and to see the crawl's state.
 _TICK_S = 0.02
 _IDLE_TICK_S = 0.05
+# While the crawl waits for start URLs (SPEEDUP_FRONTIER_WAIT_FOR_START_URLS_SECONDS):
+# a URL pushed is taken within this, and idle machines cost Redis little.
+_WAITING_TICK_S = 0.5
 # The crawl is over when it looks over this long (two looks at least).
 _END_GRACE_S = 1.0
 _MACHINE_TTL_S = 30
@@ -127,6 +147,11 @@ class RedisScheduler(BaseScheduler):
         self.machine = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.prefix = frontier.name or ""
         self.max_outage_s = frontier.max_outage_seconds
+        self.start_key_setting = frontier.start_urls_key
+        self.start_key = ""  # known in open(), with the spider's name
+        self.wait_s = frontier.wait_for_start_urls_seconds
+        self._start_key_refused = False
+        self._priority_warned = False
         limits = crawler.settings.getdict(LIMITS_SETTING)
         self.limits = Limits(**limits)
         self.counts: SharedCounts | None = None
@@ -161,6 +186,9 @@ class RedisScheduler(BaseScheduler):
 
     def open(self, spider: Spider) -> None:
         self.prefix = self.prefix or spider.name
+        # scrapy-redis's REDIS_START_URLS_KEY: %(name)s is the spider's name.
+        self.start_key = self.start_key_setting % {"name": spider.name} \
+            if self.start_key_setting else f"{self.prefix}:start_urls"
         bridge = SpeedupExtension.of(self.crawler).bridge
         self.bridge = bridge
         self.link = RedisLink(self.url, bridge)
@@ -179,9 +207,9 @@ class RedisScheduler(BaseScheduler):
         self.crawler.stats.set_value(_STAT + "machine", self.machine)
         spider.speedup_machine = self.machine  # type: ignore[attr-defined]
         self.counts = SharedCounts(self.prefix, self.limits)
-        logger.info("scrapy-speedup: frontier on Redis at %s, crawl %r, this machine %s",
-                    _safe_url(self.url), self.prefix, self.machine,
-                    extra={"crawler": self.crawler})
+        logger.info("scrapy-speedup: frontier on Redis at %s, crawl %r, this machine %s,"
+                    " start URLs from %r", _safe_url(self.url), self.prefix, self.machine,
+                    self.start_key, extra={"crawler": self.crawler})
         store, prefix, machine = self.store, self.prefix, self.machine
 
         async def join() -> int:
@@ -271,9 +299,16 @@ class RedisScheduler(BaseScheduler):
 
     def _crawl_over(self) -> bool:
         """Whether the whole crawl has looked over (nothing queued, nothing
-        leased, no machine in its start()) for _END_GRACE_S, twice."""
+        leased, no start URL in its key, no machine in its start()) for
+        _END_GRACE_S, twice, and for the wait for start URLs if longer."""
         return self._idle_since is not None and self._looks_done >= 2 and \
-            time.monotonic() - self._idle_since >= _END_GRACE_S and self._locally_idle()
+            time.monotonic() - self._idle_since >= max(_END_GRACE_S, self.wait_s) and \
+            self._locally_idle()
+
+    def _waiting(self) -> bool:
+        """Whether the crawl is idle past its grace, waiting for start URLs."""
+        return self._idle_since is not None and self._looks_done >= 2 and \
+            time.monotonic() - self._idle_since >= _END_GRACE_S
 
     def _look(self, state: tuple[int, int, int]) -> None:
         self._global = state
@@ -282,6 +317,11 @@ class RedisScheduler(BaseScheduler):
             return
         if self._idle_since is None:
             self._idle_since = time.monotonic()
+            if self.wait_s:
+                logger.info("scrapy-speedup: nothing to crawl; waiting for start URLs in %r"
+                            " (SPEEDUP_FRONTIER_WAIT_FOR_START_URLS_SECONDS: %s)",
+                            self.start_key, "forever" if math.isinf(self.wait_s)
+                            else f"{self.wait_s:g} s", extra={"crawler": self.crawler})
         self._looks_done += 1
         if self._crawl_over():
             # The engine looks at its next heartbeat otherwise (5 s).
@@ -317,10 +357,23 @@ class RedisScheduler(BaseScheduler):
             if len(self._sent) >= _SENT_MAX:
                 self._sent.clear()
             self._sent.add(fingerprint)
-        self._push.append(Entry(fingerprint, key, concurrency, delay, request.priority, blob))
+        priority = max(-PRIORITY_BOUND, min(PRIORITY_BOUND, request.priority))
+        if priority != request.priority:
+            self._clamped(request)
+        self._push.append(Entry(fingerprint, key, concurrency, delay, priority, blob))
         self.crawler.stats.inc_value(_STAT + "pushed_count")
         self._soon()
         return True
+
+    def _clamped(self, request: Request) -> None:
+        self.crawler.stats.inc_value(_STAT + "priority_clamped_count")
+        if not self._priority_warned:
+            self._priority_warned = True
+            logger.warning("scrapy-speedup: %s has priority %d, past the +-%d that the Redis"
+                           " frontier orders: it is queued as %+d (the request keeps its"
+                           " priority; this is said once)", request, request.priority,
+                           PRIORITY_BOUND, PRIORITY_BOUND if request.priority > 0
+                           else -PRIORITY_BOUND, extra={"crawler": self.crawler})
 
     def next_request(self) -> Request | None:
         spider = self.crawler.spider
@@ -404,7 +457,7 @@ class RedisScheduler(BaseScheduler):
         starting = self.crawler.engine._start is not None
         job = Job(self.machine, f"{'starting' if starting else 'running'}|{now + _MACHINE_TTL_S}",
                   push=self._push, release=self._release, ack=self._ack, want=self._room(),
-                  visibility_s=self.visibility_s)
+                  visibility_s=self.visibility_s, start_key=self.start_key)
         self._push, self._release, self._ack = [], [], []
         if job.ack:
             self.feeds.flush()  # their items, before their pages count as done
@@ -464,11 +517,19 @@ class RedisScheduler(BaseScheduler):
                            " SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS (a machine died"
                            " or hung); they are back in the frontier", len(result.reaped),
                            extra={"crawler": self.crawler})
-        self.queue.extend((item.id, item.blob) for item in result.leased)
+        self._saw_start_key(result.starts)
+        leased = [item for item in result.leased if not item.blob.startswith(START_MARK)]
+        if len(leased) < len(result.leased):
+            self._make_start_requests([item for item in result.leased
+                                       if item.blob.startswith(START_MARK)])
+        self.queue.extend((item.id, item.blob) for item in leased)
         if result.leased:
             stats.inc_value(_STAT + "leased_count", len(result.leased))
             stats.inc_value(_STAT + "lease_message_count")
-        self._look(result.state)
+        queued, out, starting = result.state
+        if result.starts.kind in ("list", "set", "zset"):
+            queued += result.starts.left  # they keep the crawl going
+        self._look((queued, out, starting))
         engine_slot = getattr(self.crawler.engine, "_slot", None)
         if result.leased and self.on_leased is not None:
             self.on_leased()
@@ -476,7 +537,44 @@ class RedisScheduler(BaseScheduler):
             engine_slot.nextcall.schedule()
         busy = self._push or self._release or self._ack or result.leased
         if not self._closed:
-            self._timer = self.bridge.call_later(_TICK_S if busy else _IDLE_TICK_S, self._tick)
+            wait = _TICK_S if busy else _WAITING_TICK_S if self._waiting() else _IDLE_TICK_S
+            self._timer = self.bridge.call_later(wait, self._tick)
+
+    # -- start URLs ----------------------------------------------------------------------
+
+    def _saw_start_key(self, starts: StartKey) -> None:
+        if starts.kind not in ("none", "list", "set", "zset") and not self._start_key_refused:
+            self._start_key_refused = True
+            logger.error("scrapy-speedup: the start URLs key %r is a %s; it is not read: start"
+                         " URLs are a list (lpush/rpush), a set (sadd) or a sorted set (zadd)."
+                         " Delete the key, or name another with"
+                         " SPEEDUP_FRONTIER_START_URLS_KEY", self.start_key, starts.kind,
+                         extra={"crawler": self.crawler})
+
+    def _make_start_requests(self, entries: list[Leased]) -> None:
+        """Make the requests of leased start URL entries, and send them: the
+        entries are acknowledged by the job that pushes their requests (the
+        next, which _ran() schedules)."""
+        engine, spider, stats = self.crawler.engine, self.crawler.spider, self.crawler.stats
+        assert spider is not None
+        max_url_length = self.crawler.settings.getint("URLLENGTH_LIMIT")
+        for entry in entries:
+            data = entry.blob[len(START_MARK):]
+            try:
+                requests = requests_from_entry(data, spider, max_url_length)
+                for request in requests:
+                    engine.crawl(request)
+            except Exception as exc:  # noqa: BLE001 - one entry must not stop the crawl
+                stats.inc_value(_STAT + "start_url_error_count")
+                why = str(exc) if isinstance(exc, BadStartUrlError) else \
+                    f"{type(exc).__name__}: {exc}"
+                logger.error("scrapy-speedup: start URL entry %s from %r refused: %s",
+                             describe(data), self.start_key, why,
+                             extra={"crawler": self.crawler})
+            else:
+                stats.inc_value(_STAT + "start_url_count")
+            self._ack.append(entry.id)
+
 
     # -- the crawl's end and Redis outages -----------------------------------------------
 

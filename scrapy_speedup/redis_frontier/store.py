@@ -29,6 +29,9 @@ Keys, under the crawl's prefix ``P`` (``<spider>`` by default):
 ``P:leases``           zset    leased request ids, by the lease's deadline
 ``P:leased``           hash    request id -> "machine|released" (0 or 1)
 ``P:queued``           string  requests queued in all slots
+``P:start_urls``       list,   start URLs pushed by the crawl's tooling
+                       set or  (scrapy-redis's key and formats; the key's name
+                       zset    is a setting): moved into the frontier as needed
 =====================  ======  ==================================================
 
 A slot is in ``P:ready`` exactly when it has a queued request, fewer than its
@@ -38,6 +41,14 @@ room. A request's download ending (``release``) frees its place at once; its
 acknowledgement (``ack``, the response handled, its requests and items sent)
 ends the lease. A lease past its deadline (its machine died, or hung) is put
 back in its queue by ``reap``, past the dupefilter.
+
+A start URL entry is moved from its key into the frontier, as it is, by the
+script that pops it (``take_starts``, in the tick): it is never out of
+Redis. It is queued in a slot of its own (:data:`START_SLOT`, no limits) and
+leased like a request; the machine that leases it makes its request, pushes
+that, and acknowledges the entry after the push. A machine that dies
+meanwhile stops renewing the lease, and the entry goes back to the frontier
+for another; a request pushed twice so is dropped by the dupefilter.
 """
 
 from __future__ import annotations
@@ -48,13 +59,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["Entry", "FrontierStore", "Job", "JobResult", "Leased"]
+__all__ = ["PRIORITY_BOUND", "START_MARK", "START_SLOT", "Entry", "FrontierStore", "Job",
+           "JobResult", "Leased", "StartKey"]
 
 # Scores order a slot's queue: priority first, then arrival. A double holds
 # integers exactly up to 2**53: 2**40 arrivals (a trillion requests) under
 # each of +-2**12 priorities.
 _PRIORITY_SCALE = 2**40
-_PRIORITY_BOUND = 2**12 - 1
+PRIORITY_BOUND = 2**12 - 1
+#: The slot of start URL entries not yet made into requests: not a host name
+#: (no host has "<"), so no download slot shares it.
+START_SLOT = "<start_urls>"
+#: Before a start URL entry's bytes in ``P:blob``: a leased blob that starts
+#: with it is an entry, not a pickled request (a pickle starts with 0x80).
+START_MARK = b"\0start-url\0"
+# No limit on the slot of start URL entries: making their requests is local.
+_START_CONCURRENCY = 2**31
 # A lease looks past at most this many ready slots where its machine holds
 # its share already (a machine rarely holds its share of many sites at once).
 _SKIP_MAX = 100
@@ -264,6 +284,53 @@ local function reap(P, now, limit)
   return late
 end
 
+-- Move start URL entries from their key into the frontier, at most as many
+-- as there is room for in the start slot's queue (the machine's want): the
+-- key stays the buffer its tooling watches. A list is read from its head
+-- (as scrapy-redis does: lpush serves the last pushed first), a sorted set
+-- from its highest score. An entry's queue is ordered by the "priority" of
+-- its JSON object, if it has one, so that it is made into its request as
+-- soon as that request's priority says. {taken, left in the key, its type}.
+local function take_starts(P, key, now, want)
+  local slot = '%(start_slot)s'
+  local kind = redis.call('TYPE', key)['ok']
+  local size = 0
+  if kind == 'list' then size = redis.call('LLEN', key)
+  elseif kind == 'set' then size = redis.call('SCARD', key)
+  elseif kind == 'zset' then size = redis.call('ZCARD', key)
+  elseif kind ~= 'none' then return {0, 0, kind} end
+  local n = math.min(size, want - redis.call('ZCARD', P .. ':q:' .. slot))
+  if n <= 0 then return {0, size, kind} end
+  local taken
+  if kind == 'list' then
+    taken = redis.call('LRANGE', key, 0, n - 1)
+    redis.call('LTRIM', key, n, -1)
+  elseif kind == 'set' then
+    taken = redis.call('SPOP', key, n)
+  else
+    taken = redis.call('ZREVRANGE', key, 0, n - 1)
+    redis.call('ZREMRANGEBYRANK', key, -n, -1)
+  end
+  redis.call('HSET', P .. ':slot', slot, '%(start_concurrency)d|0')
+  slot_limits[slot] = {%(start_concurrency)d, 0}
+  for _, data in ipairs(taken) do
+    local priority = 0
+    if string.sub(data, 1, 1) == '{' then
+      local ok, decoded = pcall(cjson.decode, data)
+      if ok and type(decoded) == 'table' and type(decoded['priority']) == 'number' then
+        priority = math.max(-%(bound)d, math.min(%(bound)d, math.floor(decoded['priority'])))
+      end
+    end
+    local id = redis.call('INCR', P .. ':seq')
+    redis.call('HSET', P .. ':blob', id, '%(start_mark)s' .. data)
+    redis.call('HSET', P .. ':meta', id, slot .. '|' .. priority)
+    redis.call('ZADD', P .. ':q:' .. slot, -priority * %(scale)d + id, id)
+  end
+  redis.call('INCRBY', P .. ':queued', #taken)
+  settle(P, slot, now)
+  return {#taken, size - #taken, kind}
+end
+
 -- Extend the deadline of leases still being worked on.
 local function renew(P, deadline, A, first, last)
   local renewed = 0
@@ -276,7 +343,10 @@ local function renew(P, deadline, A, first, last)
   end
   return renewed
 end
-""".replace("%(scale)d", str(_PRIORITY_SCALE)).replace("%(skip)d", str(_SKIP_MAX))
+""".replace("%(scale)d", str(_PRIORITY_SCALE)).replace("%(skip)d", str(_SKIP_MAX)) \
+    .replace("%(bound)d", str(PRIORITY_BOUND)).replace("%(start_slot)s", START_SLOT) \
+    .replace("%(start_concurrency)d", str(_START_CONCURRENCY)) \
+    .replace("%(start_mark)s", "\\0start-url\\0")
 
 # One script each: ARGV: P, now (or the deadline, for renew), then the
 # operation's arguments.
@@ -287,23 +357,28 @@ _RELEASE = _FUNCTIONS + "return release(ARGV[1], tonumber(ARGV[2]), ARGV, 3, #AR
 _ACK = _FUNCTIONS + "return ack(ARGV[1], tonumber(ARGV[2]), ARGV, 3, #ARGV)"
 _REAP = _FUNCTIONS + "return reap(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))"
 _RENEW = _FUNCTIONS + "return renew(ARGV[1], tonumber(ARGV[2]), ARGV, 3, #ARGV)"
+_TAKE_STARTS = _FUNCTIONS + ("return take_starts(ARGV[1], ARGV[2], tonumber(ARGV[3]),"
+                             " tonumber(ARGV[4]))")
 
 # A machine's job, in one round trip, in this order: its pushes (before the
 # acknowledgements of the pages that made them), releases, acknowledgements,
 # renewals, reaping, leasing; then its own state in P:machines, the machines
 # that died forgotten, and the crawl's counts. ARGV: P, now, machine, want,
 # visibility, renewal deadline, reap limit (0: none), machine state
-# ("starting|until" or "running|until"), then the counts of pushes (entries),
+# ("starting|until" or "running|until"), the start URLs key ('' for none),
+# then the counts of pushes (entries),
 # releases, acknowledgements and renewals, then their arguments in that
-# order. Returns {added, reaped ids, leased (flat), queued, leases out,
-# machines starting}.
+# order. Start URL entries are taken into the frontier before the lease.
+# Returns {added, reaped ids, leased (flat), queued, leases out, machines
+# starting, {start entries taken, left in their key, the key's type}}.
 _TICK = _FUNCTIONS + """
 local P, now, machine = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local want, visibility = tonumber(ARGV[4]), tonumber(ARGV[5])
 local deadline, reap_limit, state = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local n_push, n_release = tonumber(ARGV[9]), tonumber(ARGV[10])
-local n_ack, n_renew = tonumber(ARGV[11]), tonumber(ARGV[12])
-local i = 13
+local start_key = ARGV[9]
+local n_push, n_release = tonumber(ARGV[10]), tonumber(ARGV[11])
+local n_ack, n_renew = tonumber(ARGV[12]), tonumber(ARGV[13])
+local i = 14
 local added = push(P, now, ARGV, i, i + 6 * n_push - 1)
 i = i + 6 * n_push
 release(P, now, ARGV, i, i + n_release - 1)
@@ -313,6 +388,8 @@ i = i + n_ack
 renew(P, deadline, ARGV, i, i + n_renew - 1)
 local reaped = {}
 if reap_limit > 0 then reaped = reap(P, now, reap_limit) end
+local starts = {0, 0, 'none'}
+if start_key ~= '' then starts = take_starts(P, start_key, now, want) end
 local leased = {}
 if want > 0 then leased = lease(P, now, machine, want, visibility) end
 redis.call('HSET', P .. ':machines', machine, state)
@@ -329,7 +406,7 @@ for j = 1, #machines, 2 do
 end
 local queued = tonumber(redis.call('GET', P .. ':queued') or '0')
 local out = redis.call('ZCARD', P .. ':leases')
-return {added, reaped, leased, queued, out, starting}
+return {added, reaped, leased, queued, out, starting, starts}
 """
 
 
@@ -354,6 +431,25 @@ class Leased:
     blob: bytes
 
 
+@dataclass(frozen=True)
+class StartKey:
+    """What one look at the start URLs key found."""
+
+    #: Entries moved into the frontier.
+    taken: int
+    #: Entries left in the key.
+    left: int
+    #: The key's Redis type: "none" (no key), "list", "set", "zset", or
+    #: another, which is not read.
+    kind: str
+
+    @classmethod
+    def of(cls, reply: list[Any]) -> StartKey:
+        taken, left, kind = reply
+        return cls(int(taken), int(left), kind.decode() if isinstance(kind, bytes)
+                   else str(kind))
+
+
 @dataclass
 class Job:
     """What one machine sends in one tick."""
@@ -370,6 +466,8 @@ class Job:
     reap: bool = False
     want: int = 0
     visibility_s: float = 60.0
+    #: The start URLs key to take entries from ("": none).
+    start_key: str = ""
 
 
 @dataclass
@@ -379,6 +477,7 @@ class JobResult:
     leased: list[Leased]
     #: The crawl's: requests queued, leases out, machines still starting.
     state: tuple[int, int, int]
+    starts: StartKey
 
 
 class FrontierStore:
@@ -395,19 +494,20 @@ class FrontierStore:
         self._reap = redis.register_script(_REAP)
         self._renew = redis.register_script(_RENEW)
         self._tick = redis.register_script(_TICK)
+        self._take_starts = redis.register_script(_TAKE_STARTS)
 
     async def tick(self, job: Job, now: float, reap_limit: int = 1000) -> JobResult:
         """A machine's whole job in one round trip (see _TICK)."""
         args: list[Any] = [
             self.prefix, now, job.machine, job.want, job.visibility_s, job.renew_deadline,
-            reap_limit if job.reap else 0, job.state,
+            reap_limit if job.reap else 0, job.state, job.start_key,
             len(job.push), len(job.release), len(job.ack), len(job.renew),
             *_push_args(job.push), *job.release, *job.ack, *job.renew,
         ]
-        added, reaped, flat, queued, out, starting = await self._tick(args=args)
+        added, reaped, flat, queued, out, starting, starts = await self._tick(args=args)
         return JobResult(int(added), list(reaped),
                          [Leased(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)],
-                         (int(queued), int(out), int(starting)))
+                         (int(queued), int(out), int(starting)), StartKey.of(starts))
 
     async def push(self, entries: list[Entry], now: float) -> int:
         """Queue the entries not seen before; how many were queued."""
@@ -440,6 +540,11 @@ class FrontierStore:
         """Put back the leases past their deadline; their ids."""
         return list(await self._reap(args=[self.prefix, now, limit]))
 
+    async def take_start_urls(self, key: str, want: int, now: float) -> StartKey:
+        """Move up to *want* start URL entries from *key* into the frontier
+        (fewer if some are queued there already)."""
+        return StartKey.of(await self._take_starts(args=[self.prefix, key, now, want]))
+
     async def counts(self) -> tuple[int, int]:
         """(requests queued, leases out)."""
         pipe = self.redis.pipeline(transaction=False)
@@ -452,9 +557,9 @@ class FrontierStore:
 def _push_args(entries: list[Entry]) -> list[Any]:
     args: list[Any] = []
     for entry in entries:
-        if not -_PRIORITY_BOUND <= entry.priority <= _PRIORITY_BOUND:
+        if not -PRIORITY_BOUND <= entry.priority <= PRIORITY_BOUND:
             raise ValueError(f"priority {entry.priority} is outside"
-                             f" +-{_PRIORITY_BOUND}, which the Redis frontier orders")
+                             f" +-{PRIORITY_BOUND}, which the Redis frontier orders")
         args += [entry.fingerprint.hex() if entry.fingerprint is not None else "",
                  entry.slot, entry.concurrency, entry.delay_s, entry.priority, entry.blob]
     return args

@@ -1,4 +1,5 @@
-"""Spiders for the tests of engine processes (SPEEDUP_CRAWL_PROCESSES)."""
+"""Spiders for the tests of engine processes (SPEEDUP_CRAWL_PROCESSES) and of
+the frontier on Redis (SPEEDUP_FRONTIER_URL)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,45 @@ class OffloadSpider(scrapy.Spider):
 
         worker = await run_in_process(os.getpid)
         yield {"n": n, "pid": os.getpid(), "worker": worker}
+
+
+class RedisStartSpider(scrapy.Spider):
+    """A plain spider with no start requests of its own: with
+    SPEEDUP_FRONTIER_URL its start URLs come from Redis
+    (``<crawl>:start_urls``). Each page's item says what its request carried."""
+
+    name = "redis_start"
+    custom_settings = {"ITEM_PIPELINES": {}}
+
+    def parse(self, response):
+        yield {"url": response.url, "tag": response.meta.get("tag"),
+               "priority": response.request.priority, "callback": "parse",
+               "pid": os.getpid()}
+
+    def parse_other(self, response):
+        yield {"url": response.url, "tag": response.meta.get("tag"),
+               "priority": response.request.priority, "callback": "parse_other",
+               "pid": os.getpid()}
+
+
+class RedisHookSpider(RedisStartSpider):
+    """Start URLs in a format of its own, read by scrapy-redis's hook
+    ``make_request_from_data``: each entry is ``<site>|<n>`` for the page
+    ``<site>/page/<n>``. ``hang_at=<n>``: the hook blocks the reactor at that
+    entry (after writing ``<hang_file>``), for a test to kill the machine
+    between taking its start URLs and sending their requests."""
+
+    name = "redis_hook"
+
+    def __init__(self, hang_at="", hang_file="", **kwargs):
+        super().__init__(**kwargs)
+        self.hang_at = hang_at
+        self.hang_file = hang_file
+
+    def make_request_from_data(self, data):
+        site, _, n = data.decode().partition("|")
+        if n == self.hang_at:
+            with open(self.hang_file, "w") as file:
+                file.write(str(os.getpid()))
+            time.sleep(300)  # the test kills this process meanwhile
+        return scrapy.Request(f"{site}/page/{n}", meta={"tag": n})
