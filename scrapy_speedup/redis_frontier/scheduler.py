@@ -45,7 +45,13 @@ from scrapy_speedup.redis_frontier.crawl_state import (
 )
 from scrapy_speedup.redis_frontier.feed_flush import FeedFlusher
 from scrapy_speedup.redis_frontier.link import RedisLink
-from scrapy_speedup.redis_frontier.store import Entry, FrontierStore, Job, JobResult
+from scrapy_speedup.redis_frontier.store import (
+    PRIORITY_BOUND,
+    Entry,
+    FrontierStore,
+    Job,
+    JobResult,
+)
 
 if TYPE_CHECKING:
     from typing import Self
@@ -136,6 +142,7 @@ class RedisScheduler(BaseScheduler):
         self._released: set[bytes] = set()
         self._push: list[Entry] = []
         self._sent: set[bytes] = set()
+        self._priority_warned = False
         self._release: list[bytes] = []
         self._ack: list[bytes] = []
         self._busy = False
@@ -313,10 +320,23 @@ class RedisScheduler(BaseScheduler):
             if len(self._sent) >= _SENT_MAX:
                 self._sent.clear()
             self._sent.add(fingerprint)
-        self._push.append(Entry(fingerprint, key, concurrency, delay, request.priority, blob))
+        self._push.append(Entry(fingerprint, key, concurrency, delay,
+                                self._priority(request), blob))
         self.crawler.stats.inc_value(_STAT + "pushed_count")
         self._soon()
         return True
+
+    def _priority(self, request: Request) -> int:
+        """The request's priority, within the range the frontier orders:
+        Scrapy takes any, and one beyond it failed every tick of the machine."""
+        priority = max(-PRIORITY_BOUND, min(PRIORITY_BOUND, request.priority))
+        if priority != request.priority and not self._priority_warned:
+            self._priority_warned = True
+            logger.warning("scrapy-speedup: %s has priority %d; the Redis frontier orders"
+                           " priorities from %d to %d, and queues it (and any other beyond)"
+                           " at %d", request, request.priority, -PRIORITY_BOUND,
+                           PRIORITY_BOUND, priority, extra={"crawler": self.crawler})
+        return priority
 
     def next_request(self) -> Request | None:
         spider = self.crawler.spider
@@ -474,11 +494,23 @@ class RedisScheduler(BaseScheduler):
         """A job could not reach Redis (the client retried each command for
         a while already): wait and try again, up to
         SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS, then close the crawl."""
-        from redis.exceptions import ReadOnlyError, ResponseError
+        from redis.exceptions import AuthenticationError, ReadOnlyError, ResponseError
 
         now = time.monotonic()
         stats = self.crawler.stats
         stats.inc_value(_STAT + "error_count")
+        if isinstance(error, AuthenticationError):
+            # redis-py's AuthenticationError is a ConnectionError, but no
+            # wait brings the right password. (Said once: the jobs in flight
+            # fail the same way.)
+            if self._closing_reason is None:
+                logger.error(
+                    "scrapy-speedup: Redis at %s refused this machine (%s: %s); it stops. Put"
+                    " the password in SPEEDUP_FRONTIER_URL: redis://:PASSWORD@host:6379/0 (or"
+                    " redis://USER:PASSWORD@… with ACL users)", _safe_url(self.url),
+                    type(error).__name__, error, extra={"crawler": self.crawler})
+            self._close_crawl("frontier_error")
+            return
         if isinstance(error, ResponseError) and not isinstance(error, ReadOnlyError):
             # Redis answered, with a refusal that waiting does not cure (a key
             # of the crawl's that holds another type, a script Redis cannot

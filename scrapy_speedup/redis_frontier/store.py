@@ -48,13 +48,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["Entry", "FrontierStore", "Job", "JobResult", "Leased"]
+__all__ = ["PRIORITY_BOUND", "Entry", "FrontierStore", "Job", "JobResult", "Leased"]
 
 # Scores order a slot's queue: priority first, then arrival. A double holds
 # integers exactly up to 2**53: 2**40 arrivals (a trillion requests) under
 # each of +-2**12 priorities.
 _PRIORITY_SCALE = 2**40
-_PRIORITY_BOUND = 2**12 - 1
+PRIORITY_BOUND = 2**12 - 1
 # A lease looks past at most this many ready slots where its machine holds
 # its share already (a machine rarely holds its share of many sites at once).
 _SKIP_MAX = 100
@@ -452,9 +452,9 @@ class FrontierStore:
 def _push_args(entries: list[Entry]) -> list[Any]:
     args: list[Any] = []
     for entry in entries:
-        if not -_PRIORITY_BOUND <= entry.priority <= _PRIORITY_BOUND:
+        if not -PRIORITY_BOUND <= entry.priority <= PRIORITY_BOUND:
             raise ValueError(f"priority {entry.priority} is outside"
-                             f" +-{_PRIORITY_BOUND}, which the Redis frontier orders")
+                             f" +-{PRIORITY_BOUND}, which the Redis frontier orders")
         args += [entry.fingerprint.hex() if entry.fingerprint is not None else "",
                  entry.slot, entry.concurrency, entry.delay_s, entry.priority, entry.blob]
     return args
