@@ -224,6 +224,22 @@ def test_a_tick_is_each_operation_in_order_in_one_call(server: RedisServer) -> N
 
 
 
+def test_a_tick_sent_again_is_done_once_and_returns_its_leases(server: RedisServer) -> None:
+    """Its reply was lost (the connection dropped after Redis ran it): sent
+    again, it queues nothing more, and hands out the leases it took."""
+    async def test(store: FrontierStore) -> None:
+        job = Job("m1", "running|100", push=[entry(1, fp=False), entry(2, fp=False)], want=1)
+        first = await store.tick(job, now=0)
+        again = await store.tick(job, now=1)
+        assert again.added == first.added == 2
+        assert again.leased == first.leased and len(first.leased) == 1
+        assert again.state == (1, 1, 0)
+        # A new job is a new job.
+        assert len((await store.tick(Job("m1", "running|100", want=5), now=2)).leased) == 1
+
+    run(server, test)
+
+
 def test_each_machine_holds_its_share_of_a_sites_places(server: RedisServer) -> None:
     """A site's CONCURRENT_REQUESTS_PER_DOMAIN is shared by the machines of
     the crawl: the machine whose download just ended cannot take every freed

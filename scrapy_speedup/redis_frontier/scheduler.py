@@ -145,6 +145,8 @@ class RedisScheduler(BaseScheduler):
         self._priority_warned = False
         self._release: list[bytes] = []
         self._ack: list[bytes] = []
+        #: The tick that failed, sent again as it was (see store._TICK).
+        self._resend: _Batch | None = None
         self._busy = False
         self._closed = False
         self._timer: Timer | None = None
@@ -219,6 +221,7 @@ class RedisScheduler(BaseScheduler):
             return
         ended = self.bridge.new_waiter()
         pushes, releases, acks = self._push, self._release, self._ack
+        resend = self._resend.job if self._resend is not None else None
         if acks:
             self.feeds.flush()
 
@@ -227,6 +230,9 @@ class RedisScheduler(BaseScheduler):
 
         async def last_job() -> tuple[dict[str, int], bool]:
             now = time.time()
+            if resend is not None:
+                result = await store.tick(resend, now)
+                returned.extend(item.id for item in result.leased)
             await store.push(pushes, now)
             await store.release(releases, now)
             await store.ack(acks, now)
@@ -237,6 +243,7 @@ class RedisScheduler(BaseScheduler):
             if counts is not None:
                 _, totals = await counts.exchange(store.redis, changes)
             await store.redis.hdel(f"{prefix}:machines", machine)
+            await store.redis.hdel(f"{prefix}:ticked", machine)
             forgotten = reason == "finished" and await forget_finished_crawl(store.redis, prefix)
             return totals, forgotten
 
@@ -270,7 +277,8 @@ class RedisScheduler(BaseScheduler):
         return not self._crawl_over()
 
     def _locally_idle(self) -> bool:
-        return not (self.queue or self.lease_of or self._push or self._release or self._ack)
+        return not (self.queue or self.lease_of or self._push or self._release or self._ack
+                    or self._resend)
 
     def _crawl_over(self) -> bool:
         """Whether the whole crawl has looked over (nothing queued, nothing
@@ -404,9 +412,14 @@ class RedisScheduler(BaseScheduler):
         self._busy = True
         now = time.time()
         starting = self.crawler.engine._start is not None
-        job = Job(self.machine, f"{'starting' if starting else 'running'}|{now + _MACHINE_TTL_S}",
-                  push=self._push, release=self._release, ack=self._ack, want=self._room(),
-                  visibility_s=self.visibility_s)
+        state = f"{'starting' if starting else 'running'}|{now + _MACHINE_TTL_S}"
+        if self._resend is not None:
+            batch, self._resend = self._resend, None
+            batch.job.state = state
+            self._submit(batch)
+            return
+        job = Job(self.machine, state, push=self._push, release=self._release, ack=self._ack,
+                  want=self._room(), visibility_s=self.visibility_s)
         self._push, self._release, self._ack = [], [], []
         if job.ack:
             self.feeds.flush()  # their items, before their pages count as done
@@ -422,9 +435,13 @@ class RedisScheduler(BaseScheduler):
                                         or now - self._exchanged_at >= _STATS_EVERY_S):
             self._exchanged_at = now
             batch.changes = self.counts.changes(self.crawler.stats)
-        store = self.store
-        self.link.submit(lambda: self._run(store, batch),
-                         lambda result, error: self._ran(batch, result, error))
+        self._submit(batch)
+
+    def _submit(self, batch: _Batch) -> None:
+        store, link = self.store, self.link
+        assert store is not None and link is not None
+        link.submit(lambda: self._run(store, batch),
+                    lambda result, error: self._ran(batch, result, error))
 
     async def _run(self, store: FrontierStore, batch: _Batch) -> _Outcome:
         """On the Redis thread: the tick's job, then the stats exchange if due."""
@@ -439,12 +456,9 @@ class RedisScheduler(BaseScheduler):
         self._busy = False
         job = batch.job
         if error is not None or outcome is None:
-            # Put back what was not sent: the next job sends it again
-            # (pushes and acknowledgements are idempotent; leases this job
-            # may have taken come back after the visibility timeout).
-            self._push[:0] = job.push
-            self._release[:0] = job.release
-            self._ack[:0] = job.ack
+            # Redis may have done the job and its reply been lost: the same
+            # job goes again, which Redis does once (its token).
+            self._resend = batch
             self._failed(error or RuntimeError("no outcome"))
             return
         stats = self.crawler.stats
