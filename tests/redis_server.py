@@ -22,10 +22,13 @@ __all__ = ["RedisServer", "redis_server"]
 
 class RedisServer:
     """*durable*: every write in the append-only file, fsynced (the tests
-    restart it with its data); otherwise in memory only (benchmarks)."""
+    restart it with its data); otherwise in memory only (benchmarks).
+    *password*: the server requires it (``requirepass``), and :attr:`url`
+    carries it."""
 
-    def __init__(self, durable: bool = True) -> None:
+    def __init__(self, durable: bool = True, password: str | None = None) -> None:
         self.durable = durable
+        self.password = password
         binary = shutil.which("redis-server")
         if binary is None:
             if os.environ.get("CI") == "true":
@@ -34,7 +37,7 @@ class RedisServer:
         self.binary = binary
         self.root = Path(tempfile.mkdtemp(prefix="scrapy-speedup-redis-"))
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -42,6 +45,7 @@ class RedisServer:
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root),
              "--save", "", *(["--appendonly", "yes", "--appendfsync", "always"]
                              if self.durable else ["--appendonly", "no"]),
+             *(["--requirepass", self.password] if self.password else []),
              "--logfile", str(self.root / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -52,7 +56,8 @@ class RedisServer:
             with contextlib.suppress(OSError), socket.create_connection(
                     ("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
+                # Up, whether it answers or asks for the password first.
+                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return
             time.sleep(0.05)
         self.stop()
@@ -71,8 +76,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(durable: bool = True) -> Iterator[RedisServer]:
-    server = RedisServer(durable)
+def redis_server(durable: bool = True, password: str | None = None) -> Iterator[RedisServer]:
+    server = RedisServer(durable, password)
     server.start()
     try:
         yield server

@@ -224,6 +224,22 @@ def test_a_tick_is_each_operation_in_order_in_one_call(server: RedisServer) -> N
 
 
 
+def test_a_tick_sent_again_is_done_once_and_returns_its_leases(server: RedisServer) -> None:
+    """Its reply was lost (the connection dropped after Redis ran it): sent
+    again, it queues nothing more, and hands out the leases it took."""
+    async def test(store: FrontierStore) -> None:
+        job = Job("m1", "running|100", push=[entry(1, fp=False), entry(2, fp=False)], want=1)
+        first = await store.tick(job, now=0)
+        again = await store.tick(job, now=1)
+        assert again.added == first.added == 2
+        assert again.leased == first.leased and len(first.leased) == 1
+        assert again.state == (1, 1, 0)
+        # A new job is a new job.
+        assert len((await store.tick(Job("m1", "running|100", want=5), now=2)).leased) == 1
+
+    run(server, test)
+
+
 def test_each_machine_holds_its_share_of_a_sites_places(server: RedisServer) -> None:
     """A site's CONCURRENT_REQUESTS_PER_DOMAIN is shared by the machines of
     the crawl: the machine whose download just ended cannot take every freed
@@ -316,6 +332,97 @@ def test_any_sequence_keeps_the_books(server: RedisServer, sequence: list[Any]) 
             if not leased:
                 break
             out.update({item.id: ("", False, now) for item in leased})
+        assert await store.counts() == (0, 0)
+        assert len(handled) == len(set(handled)) == len(pushed)
+
+    run(server, test)
+
+
+async def assert_places(store: FrontierStore, limits: dict[str, int],
+                        out: dict[bytes, tuple[str, str, bool]]) -> None:
+    """The leases *out* (id -> slot, machine, released) are what the
+    frontier counts, and no slot has more than its limit out."""
+    for slot, limit in limits.items():
+        busy = [m for s, m, released in out.values() if s == slot and not released]
+        assert len(busy) <= limit
+        inflight = await store.redis.hget(f"{store.prefix}:inflight", slot)
+        assert int(inflight or 0) == len(busy)
+        for machine in ("m1", "m2", "m3"):
+            held = await store.redis.hget(f"{store.prefix}:held", f"{machine}|{slot}")
+            assert int(held or 0) == busy.count(machine)
+    _, leases = await store.counts()
+    assert leases == len(out)
+
+
+machine_ops = st.lists(st.one_of(
+    st.tuples(st.just("push"), st.integers(0, 30), st.sampled_from("abc"), st.integers(-3, 3)),
+    st.tuples(st.just("tick"), st.sampled_from(["m1", "m2", "m3"]), st.integers(0, 6)),
+    st.tuples(st.just("release"), st.integers(0, 40)),
+    st.tuples(st.just("ack"), st.integers(0, 40)),
+    st.tuples(st.just("leave"), st.sampled_from(["m1", "m2", "m3"])),
+    st.tuples(st.just("wait"), st.integers(1, 30)),
+), max_size=60)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(machine_ops)
+def test_machines_joining_leaving_and_dying_keep_each_sites_limit(
+        server: RedisServer, sequence: list[Any]) -> None:
+    """Machines lease in ticks, join, leave and die (their state runs out,
+    their leases are reaped): a slot never has more than its concurrency
+    out, the crawl's and the machines' counts of places match the leases
+    out, and every request is handled once when all is acknowledged."""
+    limits = {"a": 1, "b": 2, "c": 5}
+
+    async def test(store: FrontierStore) -> None:
+        p = store.prefix
+        pushed: set[bytes] = set()
+        out: dict[bytes, tuple[str, str, bool]] = {}  # id -> slot, machine, released
+        handled: list[bytes] = []
+        now = 0.0
+        for op in sequence:
+            now += 1
+            if op[0] == "push":
+                _, n, slot, priority = op
+                e = Entry(f"fp{n}".encode(), slot, limits[slot], 0.0, priority,
+                          f"{slot}{n}".encode())
+                if await store.push([e], now) == 1:
+                    pushed.add(e.blob)
+            elif op[0] == "tick":
+                _, machine, want = op
+                result = await store.tick(Job(machine, f"running|{now + 10}", reap=True,
+                                              want=want, visibility_s=10), now)
+                for lease_id in result.reaped:
+                    del out[lease_id]
+                for item in result.leased:
+                    assert item.id not in out
+                    out[item.id] = (item.blob.decode()[0], machine, False)
+            elif op[0] in ("release", "ack") and out:
+                lease_id = sorted(out)[op[1] % len(out)]
+                slot, machine, _ = out[lease_id]
+                if op[0] == "release":
+                    await store.release([lease_id], now)
+                    out[lease_id] = (slot, machine, True)
+                else:
+                    assert await store.ack([lease_id], now) == 1
+                    handled.append(lease_id)
+                    del out[lease_id]
+            elif op[0] == "leave":
+                await store.redis.hdel(f"{p}:machines", op[1])
+            elif op[0] == "wait":
+                now += op[1]
+            await assert_places(store, limits, out)
+        while True:
+            now += 100
+            await store.ack(list(out), now)
+            handled.extend(out)
+            out.clear()
+            result = await store.tick(Job("m1", f"running|{now + 10}", want=100,
+                                          visibility_s=10), now)
+            if not result.leased:
+                break
+            out.update({item.id: ("", "m1", False) for item in result.leased})
         assert await store.counts() == (0, 0)
         assert len(handled) == len(set(handled)) == len(pushed)
 

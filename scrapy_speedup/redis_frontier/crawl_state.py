@@ -26,8 +26,8 @@ __all__ = ["Limits", "SharedCounts", "forget_finished_crawl"]
 
 # The keys of a crawl (P:q:<slot> queues are empty, hence gone, once it finished).
 _KEYS = ("dupefilter", "seq", "blob", "meta", "slot", "inflight", "lastseen", "ready",
-         "waiting", "leases", "leased", "queued", "held", "stats", "started", "closing",
-         "machines")
+         "waiting", "leases", "leased", "queued", "held", "ticked", "stats", "started",
+         "closing", "machines")
 
 _FORGET = """
 if redis.call('HLEN', KEYS[#KEYS]) == 0

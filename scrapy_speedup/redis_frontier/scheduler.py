@@ -164,6 +164,8 @@ class RedisScheduler(BaseScheduler):
         self._sent: set[bytes] = set()
         self._release: list[bytes] = []
         self._ack: list[bytes] = []
+        #: The tick that failed, sent again as it was (see store._TICK).
+        self._resend: _Batch | None = None
         self._busy = False
         self._closed = False
         self._timer: Timer | None = None
@@ -244,6 +246,7 @@ class RedisScheduler(BaseScheduler):
             return
         ended = self.bridge.new_waiter()
         pushes, releases, acks = self._push, self._release, self._ack
+        resend = self._resend.job if self._resend is not None else None
         if acks:
             self.feeds.flush()
 
@@ -252,6 +255,9 @@ class RedisScheduler(BaseScheduler):
 
         async def last_job() -> tuple[dict[str, int], bool]:
             now = time.time()
+            if resend is not None:
+                result = await store.tick(resend, now)
+                returned.extend(item.id for item in result.leased)
             await store.push(pushes, now)
             await store.release(releases, now)
             await store.ack(acks, now)
@@ -262,6 +268,7 @@ class RedisScheduler(BaseScheduler):
             if counts is not None:
                 _, totals = await counts.exchange(store.redis, changes)
             await store.redis.hdel(f"{prefix}:machines", machine)
+            await store.redis.hdel(f"{prefix}:ticked", machine)
             forgotten = reason == "finished" and await forget_finished_crawl(store.redis, prefix)
             return totals, forgotten
 
@@ -295,7 +302,8 @@ class RedisScheduler(BaseScheduler):
         return not self._crawl_over()
 
     def _locally_idle(self) -> bool:
-        return not (self.queue or self.lease_of or self._push or self._release or self._ack)
+        return not (self.queue or self.lease_of or self._push or self._release or self._ack
+                    or self._resend)
 
     def _crawl_over(self) -> bool:
         """Whether the whole crawl has looked over (nothing queued, nothing
@@ -455,9 +463,14 @@ class RedisScheduler(BaseScheduler):
         self._busy = True
         now = time.time()
         starting = self.crawler.engine._start is not None
-        job = Job(self.machine, f"{'starting' if starting else 'running'}|{now + _MACHINE_TTL_S}",
-                  push=self._push, release=self._release, ack=self._ack, want=self._room(),
-                  visibility_s=self.visibility_s, start_key=self.start_key)
+        state = f"{'starting' if starting else 'running'}|{now + _MACHINE_TTL_S}"
+        if self._resend is not None:
+            batch, self._resend = self._resend, None
+            batch.job.state = state
+            self._submit(batch)
+            return
+        job = Job(self.machine, state, push=self._push, release=self._release, ack=self._ack,
+                  want=self._room(), visibility_s=self.visibility_s, start_key=self.start_key)
         self._push, self._release, self._ack = [], [], []
         if job.ack:
             self.feeds.flush()  # their items, before their pages count as done
@@ -473,9 +486,13 @@ class RedisScheduler(BaseScheduler):
                                         or now - self._exchanged_at >= _STATS_EVERY_S):
             self._exchanged_at = now
             batch.changes = self.counts.changes(self.crawler.stats)
-        store = self.store
-        self.link.submit(lambda: self._run(store, batch),
-                         lambda result, error: self._ran(batch, result, error))
+        self._submit(batch)
+
+    def _submit(self, batch: _Batch) -> None:
+        store, link = self.store, self.link
+        assert store is not None and link is not None
+        link.submit(lambda: self._run(store, batch),
+                    lambda result, error: self._ran(batch, result, error))
 
     async def _run(self, store: FrontierStore, batch: _Batch) -> _Outcome:
         """On the Redis thread: the tick's job, then the stats exchange if due."""
@@ -490,12 +507,9 @@ class RedisScheduler(BaseScheduler):
         self._busy = False
         job = batch.job
         if error is not None or outcome is None:
-            # Put back what was not sent: the next job sends it again
-            # (pushes and acknowledgements are idempotent; leases this job
-            # may have taken come back after the visibility timeout).
-            self._push[:0] = job.push
-            self._release[:0] = job.release
-            self._ack[:0] = job.ack
+            # Redis may have done the job and its reply been lost: the same
+            # job goes again, which Redis does once (its token).
+            self._resend = batch
             self._failed(error or RuntimeError("no outcome"))
             return
         stats = self.crawler.stats
@@ -592,22 +606,35 @@ class RedisScheduler(BaseScheduler):
         """A job could not reach Redis (the client retried each command for
         a while already): wait and try again, up to
         SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS, then close the crawl."""
-        from redis.exceptions import ReadOnlyError, ResponseError
+        from redis.exceptions import AuthenticationError, ReadOnlyError, ResponseError
 
         now = time.monotonic()
         stats = self.crawler.stats
         stats.inc_value(_STAT + "error_count")
+        if isinstance(error, AuthenticationError):
+            # redis-py's AuthenticationError is a ConnectionError, but no
+            # wait brings the right password. (Said once: the jobs in flight
+            # fail the same way.)
+            if self._closing_reason is None:
+                logger.error(
+                    "scrapy-speedup: Redis at %s refused this machine (%s: %s); it stops. Put"
+                    " the password in SPEEDUP_FRONTIER_URL: redis://:PASSWORD@host:6379/0 (or"
+                    " redis://USER:PASSWORD@… with ACL users)", _safe_url(self.url),
+                    type(error).__name__, error, extra={"crawler": self.crawler})
+            self._close_crawl("frontier_error")
+            return
         if isinstance(error, ResponseError) and not isinstance(error, ReadOnlyError):
             # Redis answered, with a refusal that waiting does not cure (a key
             # of the crawl's that holds another type, a script Redis cannot
             # run, maxmemory reached). A read-only replica is a fail-over:
             # that one is waited for.
-            logger.error(
-                "scrapy-speedup: Redis at %s refused the frontier's commands (%s: %s); this"
-                " machine stops. The crawl's keys start with %r: another program's keys"
-                " there, or a Redis older than 6.2, cause this", _safe_url(self.url),
-                type(error).__name__, error, self.prefix + ":",
-                extra={"crawler": self.crawler})
+            if self._closing_reason is None:
+                logger.error(
+                    "scrapy-speedup: Redis at %s refused the frontier's commands (%s: %s);"
+                    " this machine stops. The crawl's keys start with %r: another program's"
+                    " keys there, or a Redis older than 6.2, cause this", _safe_url(self.url),
+                    type(error).__name__, error, self.prefix + ":",
+                    extra={"crawler": self.crawler})
             self._close_crawl("frontier_error")
             return
         if self._failing_since is None:

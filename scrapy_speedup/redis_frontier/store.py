@@ -29,6 +29,9 @@ Keys, under the crawl's prefix ``P`` (``<spider>`` by default):
 ``P:leases``           zset    leased request ids, by the lease's deadline
 ``P:leased``           hash    request id -> "machine|released" (0 or 1)
 ``P:queued``           string  requests queued in all slots
+``P:ticked``           hash    machine -> its last tick's token, how many it
+                               queued and the ids it leased (JSON): a tick
+                               sent again is not done twice
 ``P:start_urls``       list,   start URLs pushed by the crawl's tooling
                        set or  (scrapy-redis's key and formats; the key's name
                        zset    is a setting): moved into the frontier as needed
@@ -53,6 +56,7 @@ for another; a request pushed twice so is dropped by the dupefilter.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -366,32 +370,52 @@ _TAKE_STARTS = _FUNCTIONS + ("return take_starts(ARGV[1], ARGV[2], tonumber(ARGV
 # that died forgotten, and the crawl's counts. ARGV: P, now, machine, want,
 # visibility, renewal deadline, reap limit (0: none), machine state
 # ("starting|until" or "running|until"), the start URLs key ('' for none),
-# then the counts of pushes (entries),
+# the job's token, then the counts of pushes (entries),
 # releases, acknowledgements and renewals, then their arguments in that
 # order. Start URL entries are taken into the frontier before the lease.
 # Returns {added, reaped ids, leased (flat), queued, leases out, machines
 # starting, {start entries taken, left in their key, the key's type}}.
+#
+# A job whose reply was lost (the connection dropped after Redis ran it) is
+# sent again with its token, by redis-py's retry or by the machine: it is
+# not done again (its dont_filter requests would be queued twice), and its
+# leases, which no machine would work on until they expired, are returned.
 _TICK = _FUNCTIONS + """
 local P, now, machine = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local want, visibility = tonumber(ARGV[4]), tonumber(ARGV[5])
 local deadline, reap_limit, state = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local start_key = ARGV[9]
-local n_push, n_release = tonumber(ARGV[10]), tonumber(ARGV[11])
-local n_ack, n_renew = tonumber(ARGV[12]), tonumber(ARGV[13])
-local i = 14
-local added = push(P, now, ARGV, i, i + 6 * n_push - 1)
-i = i + 6 * n_push
-release(P, now, ARGV, i, i + n_release - 1)
-i = i + n_release
-ack(P, now, ARGV, i, i + n_ack - 1)
-i = i + n_ack
-renew(P, deadline, ARGV, i, i + n_renew - 1)
-local reaped = {}
-if reap_limit > 0 then reaped = reap(P, now, reap_limit) end
-local starts = {0, 0, 'none'}
-if start_key ~= '' then starts = take_starts(P, start_key, now, want) end
-local leased = {}
-if want > 0 then leased = lease(P, now, machine, want, visibility) end
+local start_key, token = ARGV[9], ARGV[10]
+local n_push, n_release = tonumber(ARGV[11]), tonumber(ARGV[12])
+local n_ack, n_renew = tonumber(ARGV[13]), tonumber(ARGV[14])
+local added, reaped, leased, starts = 0, {}, {}, {0, 0, 'none'}
+local last = redis.call('HGET', P .. ':ticked', machine)
+last = last and cjson.decode(last)
+if last and last[1] == token then
+  added = last[2]
+  for _, id in ipairs(last[3]) do
+    local holder = redis.call('HGET', P .. ':leased', id)
+    if holder and string.sub(holder, 1, -3) == machine then
+      leased[#leased + 1] = id
+      leased[#leased + 1] = redis.call('HGET', P .. ':blob', id)
+    end
+  end
+else
+  local i = 15
+  added = push(P, now, ARGV, i, i + 6 * n_push - 1)
+  i = i + 6 * n_push
+  release(P, now, ARGV, i, i + n_release - 1)
+  i = i + n_release
+  ack(P, now, ARGV, i, i + n_ack - 1)
+  i = i + n_ack
+  renew(P, deadline, ARGV, i, i + n_renew - 1)
+  if reap_limit > 0 then reaped = reap(P, now, reap_limit) end
+  if start_key ~= '' then starts = take_starts(P, start_key, now, want) end
+  if want > 0 then leased = lease(P, now, machine, want, visibility) end
+  local ids = {}
+  for j = 1, #leased, 2 do ids[#ids + 1] = leased[j] end
+  -- cjson writes an empty table as an object, read back as an empty table.
+  redis.call('HSET', P .. ':ticked', machine, cjson.encode({token, added, ids}))
+end
 redis.call('HSET', P .. ':machines', machine, state)
 local machines = redis.call('HGETALL', P .. ':machines')
 local starting = 0
@@ -400,6 +424,7 @@ for j = 1, #machines, 2 do
   local sep = string.find(value, '|', 1, true)
   if tonumber(string.sub(value, sep + 1)) < now then
     redis.call('HDEL', P .. ':machines', machines[j])  -- died without leaving
+    redis.call('HDEL', P .. ':ticked', machines[j])
   elseif string.sub(value, 1, sep - 1) == 'starting' then
     starting = starting + 1
   end
@@ -458,6 +483,8 @@ class Job:
     #: "starting|<until>" or "running|<until>": whether the machine is still
     #: in its spider's start(), and when it counts as dead if not heard of.
     state: str
+    #: Names the job: one sent again with the same token is done once.
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
     push: list[Entry] = field(default_factory=list)
     release: list[bytes] = field(default_factory=list)
     ack: list[bytes] = field(default_factory=list)
@@ -500,7 +527,7 @@ class FrontierStore:
         """A machine's whole job in one round trip (see _TICK)."""
         args: list[Any] = [
             self.prefix, now, job.machine, job.want, job.visibility_s, job.renew_deadline,
-            reap_limit if job.reap else 0, job.state, job.start_key,
+            reap_limit if job.reap else 0, job.state, job.start_key, job.token,
             len(job.push), len(job.release), len(job.ack), len(job.renew),
             *_push_args(job.push), *job.release, *job.ack, *job.renew,
         ]

@@ -1,0 +1,170 @@
+"""Hostile inputs for the Redis frontier, in this process against a real
+redis-server and a real local site: requests, servers and errors that a
+crawl of a million pages meets, each of which stopped or stalled a machine."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import scrapy
+
+from scrapy_speedup.demo.site import CatalogueResource
+from tests.inprocess import crawl, inprocess, listening
+from tests.redis_server import RedisServer, redis_server
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with redis_server() as running:
+        yield running
+
+
+def frontier(url: str, **settings: Any) -> dict[str, Any]:
+    """Settings of a machine of a crawl of its own on the Redis at *url*;
+    an outage would be waited out far longer than any test runs."""
+    return {"SPEEDUP_FRONTIER_URL": url, "SPEEDUP_FRONTIER_NAME": f"hostile{next(_names)}",
+            "SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS": 600, **settings}
+
+
+class Products(scrapy.Spider):
+    name = "products"
+
+    def __init__(self, url: str, priorities: list[int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.url, self.priorities = url, priorities
+
+    async def start(self) -> Any:
+        for i, priority in enumerate(self.priorities):
+            yield scrapy.Request(f"{self.url}/product/{i}.html", priority=priority)
+
+    def parse(self, response: Any) -> Any:
+        yield {"url": response.url}
+
+
+@inprocess
+async def test_a_priority_beyond_the_frontiers_range_does_not_stall_the_machine(
+        server: RedisServer) -> None:
+    """Scrapy takes any priority; the frontier orders +-4095. One request
+    with priority 5000 made every tick fail, and the machine waited for
+    Redis, which was there, for SPEEDUP_FRONTIER_MAX_OUTAGE_SECONDS."""
+    with listening(CatalogueResource(20, 0.001)) as url:
+        run = await crawl(Products, frontier(server.url), timeout=30, url=url,
+                          priorities=[0, 5000, -10**6, 3])
+    assert run.finish_reason == "finished"
+    assert len(run.items) == 4
+    assert run.stat("speedup/frontier/error_count") == 0
+
+
+@inprocess
+async def test_a_wrong_or_missing_password_stops_the_machine_with_the_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Redis refuses the password at once; waiting does not cure that, so
+    the machine says so and stops, where it waited the outage out (300 s by
+    default) saying that Redis could not be reached."""
+    with redis_server(password="s3cret") as server, \
+            listening(CatalogueResource(20, 0.001)) as url:
+        right = await crawl(Products, frontier(server.url), timeout=30, url=url,
+                            priorities=[0, 0])
+        assert right.finish_reason == "finished" and len(right.items) == 2
+        for wrong in (server.url.replace("s3cret", "guess"),
+                      server.url.replace(":s3cret@", "")):
+            run = await crawl(Products, frontier(wrong), timeout=30, url=url, priorities=[0])
+            assert run.finish_reason == "frontier_error"
+            assert run.items == []
+        assert caplog.text.count("Put the password in SPEEDUP_FRONTIER_URL") == 2, caplog.text
+        assert "s3cret" not in caplog.text and "guess" not in caplog.text
+
+
+class CuttingProxy:
+    """A TCP proxy to Redis on 127.0.0.1 that passes the first command
+    holding *marker* that Redis runs and drops the connection when Redis
+    answers it: the command ran, its reply is lost, as when Redis restarts
+    or the network breaks after a command left the machine."""
+
+    def __init__(self, upstream_port: int, marker: bytes) -> None:
+        self.upstream_port, self.marker = upstream_port, marker
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.cut = threading.Event()
+        self._sent = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+                threading.Thread(target=self._pump, args=(client, upstream, True),
+                                 daemon=True).start()
+                threading.Thread(target=self._pump, args=(upstream, client, False),
+                                 daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, to_redis: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                if to_redis and not self._sent.is_set() and self.marker in data:
+                    self._sent.set()
+                elif not to_redis and self._sent.is_set() and not self.cut.is_set():
+                    if data.startswith(b"-"):  # NOSCRIPT: it did not run
+                        self._sent.clear()
+                        target.sendall(data)
+                        continue
+                    self.cut.set()  # the reply: never delivered
+                    for end in (source, target):
+                        end.shutdown(socket.SHUT_RDWR)
+                    return
+                target.sendall(data)
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class Repeats(scrapy.Spider):
+    """Requests that Scrapy's dupefilter lets through (dont_filter): the
+    frontier queues each as often as it is sent."""
+
+    name = "repeats"
+
+    def __init__(self, url: str, count: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.url, self.count = url, count
+
+    async def start(self) -> Any:
+        for i in range(self.count):
+            yield scrapy.Request(f"{self.url}/product/{i}.html?marker=cut-here",
+                                 dont_filter=True)
+
+    def parse(self, response: Any) -> Any:
+        yield {"url": response.url}
+
+
+@inprocess
+async def test_a_tick_whose_reply_is_lost_is_not_done_twice(server: RedisServer) -> None:
+    """redis-py sends a command again when its connection drops (the link's
+    Retry): a tick that Redis ran but whose reply was lost ran twice. Its
+    dont_filter requests were queued twice (crawled twice), and the leases
+    of the first run were out to nobody until the visibility timeout."""
+    proxy = CuttingProxy(server.port, b"cut-here")
+    try:
+        with listening(CatalogueResource(20, 0.001)) as url:
+            run = await crawl(Repeats, frontier(proxy.url,
+                                                SPEEDUP_FRONTIER_VISIBILITY_TIMEOUT_SECONDS=20),
+                              timeout=15, url=url, count=5)
+    finally:
+        proxy.close()
+    assert proxy.cut.is_set()
+    assert run.finish_reason == "finished"
+    assert sorted(item["url"] for item in run.items) == sorted(
+        f"{url}/product/{i}.html?marker=cut-here" for i in range(5))
+    assert run.stat("speedup/frontier/lease_expired_count") == 0
