@@ -24,6 +24,11 @@ d. **Bounds**: from Redis's CPU per page in the 2-machine crawl (its
    one Redis core serves, and the share of it that 10 and 100 machines
    crawling as fast as one here would take.
 
+e. **Redis on another host**: part a again, the frontier and scrapy-redis
+   reaching Redis through a proxy that holds every chunk 0.5 ms each way
+   (asyncio's timer makes it about 1 ms; the round trip measured through it
+   is printed, ~2 ms, as to another zone of a cloud region): what each
+   design's round trips cost.
 Every run's pages are checked against the pages reachable from /p/0.
 Results go to benchmarks/results/redis_frontier.json.
 
@@ -34,13 +39,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +69,74 @@ SCRAPY_REDIS = {"ADDONS": {}, "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
                 "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
                 "SCHEDULER_PERSIST": True}
 KILL_AFTER_PAGES = 300
+
+
+class LaggyProxy:
+    """A TCP proxy to Redis that holds what it reads *delay_s* before passing
+    it on, each way: Redis as another host sees it (a thread of its own)."""
+
+    def __init__(self, upstream_port: int, delay_s: float) -> None:
+        self.upstream_port, self.delay_s = upstream_port, delay_s
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1",
+                                                                 self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        with contextlib.suppress(asyncio.CancelledError):  # the proxy's close
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+                                 return_exceptions=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                await asyncio.sleep(self.delay_s)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def round_trip_ms(self, count: int = 200) -> float:
+        """The median time of a PING through the proxy."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            times = []
+            for _ in range(count):
+                started = time.perf_counter()
+                sock.sendall(b"PING\r\n")
+                sock.recv(64)
+                times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
+
+    async def _shutdown(self) -> None:
+        self.server.close()
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.loop.call_soon(self.loop.stop)
 
 
 @dataclass
@@ -250,13 +326,16 @@ def fleet(label: str, site: GraphSite, config: Config, *, kill_after: int = 0,
     return run
 
 
-def throughput(site: GraphSite, redis: RedisServer, count: int) -> dict[str, Any]:
+def throughput(site: GraphSite, redis: RedisServer, count: int, *, url: str = "",
+               title: str = "a. Plain I/O crawl") -> dict[str, Any]:
+    """Part a, or with *url* (a proxy to *redis*) part e."""
+    url = url or redis.url
+
     def ours(machines: int) -> Config:
-        return Config("links_stamped", {**GRAPH, "SPEEDUP_FRONTIER_URL": redis.url}, machines,
-                      redis)
+        return Config("links_stamped", {**GRAPH, "SPEEDUP_FRONTIER_URL": url}, machines, redis)
 
     def theirs(processes: int) -> Config:
-        return Config("links_scrapy_redis", {**GRAPH, **SCRAPY_REDIS, "REDIS_URL": redis.url},
+        return Config("links_scrapy_redis", {**GRAPH, **SCRAPY_REDIS, "REDIS_URL": url},
                       processes, redis, stop_when_complete=True)
 
     configs = {
@@ -270,10 +349,10 @@ def throughput(site: GraphSite, redis: RedisServer, count: int) -> dict[str, Any
     labels = list(configs)
     scaling = machine_scaling()
     for i in range(count):
-        print(f"  plain I/O crawl, round {i + 1}/{count}", flush=True)
+        print(f"  {title}, round {i + 1}/{count}", flush=True)
         for label in labels[i % len(labels):] + labels[:i % len(labels)]:
             runs[label].append(fleet(label, site, configs[label]))
-    print(f"\na. Plain I/O crawl ({site.pages} pages, {site.links} links a page,"
+    print(f"\n{title} ({site.pages} pages, {site.links} links a page,"
           f" {site.latency_ms:g} ms latency, 64 concurrent a process)")
     print(f"{'':38} {'pages':>5} {'span':>8} {'x van.':>7} {'end-end':>8} {'cmds':>6}"
           f" {'trips':>6} {'bytes':>7} {'redis':>6}")
@@ -409,7 +488,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; odd, for a median")
     parser.add_argument("--quick", action="store_true",
                         help="one round, a smaller site: a check that it all runs")
-    parser.add_argument("--parts", default="abcd", help="which parts to run")
+    parser.add_argument("--parts", default="abcde", help="which parts to run")
     args = parser.parse_args()
     count = 1 if args.quick else args.rounds
     pages = 500 if args.quick else 2000
@@ -420,6 +499,16 @@ def main() -> None:
             results["throughput"] = throughput(site, redis, count)
         if "b" in args.parts:
             results["kill"] = kill(site, redis)
+        if "e" in args.parts:
+            proxy = LaggyProxy(redis.port, 0.0005)
+            try:
+                rtt = proxy.round_trip_ms()
+                print(f"\n  a round trip to Redis through the proxy: {rtt:.2f} ms", flush=True)
+                results["remote"] = {"round_trip_ms": round(rtt, 3), **throughput(
+                    site, redis, count, url=proxy.url,
+                    title=f"e. Redis on another host (round trip {rtt:.1f} ms)")}
+            finally:
+                proxy.close()
         if "c" in args.parts:
             results["store"] = store_alone(redis, 5000 if args.quick else 50000)
         if "d" in args.parts and "throughput" in results:

@@ -229,6 +229,7 @@ def test_no_machine_ends_while_another_still_makes_requests(tmp_path: Path,
     assert len(results[0].items) > 20, len(results[0].items)
 
 
+@timing  # how far past the limit depends on the pages in hand, more on a busy machine
 def test_closespider_itemcount_is_the_crawls(tmp_path: Path, redis: RedisServer) -> None:
     """CLOSESPIDER_ITEMCOUNT counts every machine's items: the crawl closes
     soon after 40 in all, each machine with the crawl's reason."""

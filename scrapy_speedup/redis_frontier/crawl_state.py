@@ -84,6 +84,10 @@ class SharedCounts:
                 changes[key] = delta
         return changes
 
+    def sent_count(self, key: str) -> int:
+        """How much of counter *key* this machine has added to the crawl's."""
+        return self._sent.get(key, 0)
+
     def sent(self, changes: dict[str, int]) -> None:
         for key, delta in changes.items():
             self._sent[key] = self._sent.get(key, 0) + delta

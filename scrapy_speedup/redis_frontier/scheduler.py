@@ -157,6 +157,8 @@ class RedisScheduler(BaseScheduler):
         self.counts: SharedCounts | None = None
         self._failing_since: float | None = None
         self._closing_reason: str | None = None
+        #: The crawl's counts as the last stats exchange found them.
+        self._totals: dict[str, int] = {}
         self.queue: deque[tuple[bytes, bytes]] = deque()
         self.lease_of: dict[Request, bytes] = {}
         self._released: set[bytes] = set()
@@ -209,6 +211,13 @@ class RedisScheduler(BaseScheduler):
         self.crawler.stats.set_value(_STAT + "machine", self.machine)
         spider.speedup_machine = self.machine  # type: ignore[attr-defined]
         self.counts = SharedCounts(self.prefix, self.limits)
+        if self.limits.itemcount or self.limits.pagecount:
+            # Checked at each item and page, as Scrapy's CloseSpider does:
+            # the crawl's total from the last exchange, plus what this
+            # machine did since (waiting for the next exchange let every
+            # machine run on for a tick or more past the limit).
+            self.crawler.signals.connect(self._check_limits, signals.item_scraped)
+            self.crawler.signals.connect(self._check_limits, signals.response_received)
         logger.info("scrapy-speedup: frontier on Redis at %s, crawl %r, this machine %s,"
                     " start URLs from %r", _safe_url(self.url), self.prefix, self.machine,
                     self.start_key, extra={"crawler": self.crawler})
@@ -517,6 +526,8 @@ class RedisScheduler(BaseScheduler):
         if self.counts is not None and batch.changes is not None:
             self.counts.sent(batch.changes)
         self._recovered()
+        if outcome.totals is not None:
+            self._totals = outcome.totals
         if outcome.closing is not None:
             self._close_crawl(outcome.closing)
         result = outcome.result
@@ -591,6 +602,25 @@ class RedisScheduler(BaseScheduler):
 
 
     # -- the crawl's end and Redis outages -----------------------------------------------
+
+    def _check_limits(self) -> None:
+        counts = self.counts
+        if counts is None or self._closing_reason is not None:
+            return
+        stats = self.crawler.stats
+        for key, limit, reason in (
+                ("item_scraped_count", self.limits.itemcount, "closespider_itemcount"),
+                ("response_received_count", self.limits.pagecount, "closespider_pagecount")):
+            if not limit:
+                continue
+            unsent = stats.get_value(key, 0) - counts.sent_count(key)
+            if self._totals.get(key, 0) + unsent >= limit:
+                # The other machines learn it from the stats this machine
+                # sends next, at once (or at its close): they reach the
+                # limit too.
+                self._close_crawl(reason)
+                self._soon()
+                return
 
     def _close_crawl(self, reason: str) -> None:
         """Another machine, or this one, saw a CLOSESPIDER_* limit of the
