@@ -168,3 +168,33 @@ async def test_a_tick_whose_reply_is_lost_is_not_done_twice(server: RedisServer)
     assert sorted(item["url"] for item in run.items) == sorted(
         f"{url}/product/{i}.html?marker=cut-here" for i in range(5))
     assert run.stat("speedup/frontier/lease_expired_count") == 0
+
+
+@inprocess
+async def test_a_machine_that_died_in_the_last_run_does_not_carry_its_counts_over(
+        server: RedisServer) -> None:
+    """The first machine of a run starts the crawl's counts, start time and
+    closing reason afresh. A machine of the last run that was killed (kill -9,
+    Ctrl-C twice) never left P:machines, so the next run did not count as
+    new: it closed at once with the last run's CLOSESPIDER_ITEMCOUNT reason."""
+    import json
+    import time
+
+    import redis as redis_client
+
+    settings = frontier(server.url, CLOSESPIDER_ITEMCOUNT=3)
+    prefix = settings["SPEEDUP_FRONTIER_NAME"]
+    client = redis_client.Redis.from_url(server.url)
+    try:
+        # What a run left that reached its limit and had a machine killed.
+        client.hset(f"{prefix}:machines", "dead-machine", f"running|{time.time() - 60}")
+        client.hset(f"{prefix}:ticked", "dead-machine", json.dumps(["token", 0, []]))
+        client.hset(f"{prefix}:stats", "item_scraped_count", 3)
+        client.set(f"{prefix}:started", time.time() - 3600)
+        client.set(f"{prefix}:closing", "closespider_itemcount")
+    finally:
+        client.close()
+    with listening(CatalogueResource(20, 0.001)) as url:
+        run = await crawl(Products, settings, timeout=30, url=url, priorities=[0] * 10)
+    assert run.finish_reason == "closespider_itemcount"
+    assert len(run.items) >= 3, run.stats

@@ -105,8 +105,19 @@ LIMITS_SETTING = "_SPEEDUP_FRONTIER_LIMITS"
 
 # Joining: the first machine of a run starts its counts, start time and
 # closing reason afresh (a crawl resumed after a limit or Ctrl-C closes
-# again only when the new run reaches its limits).
+# again only when the new run reaches its limits). Machines of a past run
+# that died without leaving (kill -9, Ctrl-C twice) are forgotten first, as
+# a tick would: they do not make this run a continuation of theirs.
 _JOIN = """
+local machines = redis.call('HGETALL', KEYS[1])
+for j = 1, #machines, 2 do
+  local value = machines[j + 1]
+  local sep = string.find(value, '|', 1, true)
+  if sep and tonumber(string.sub(value, sep + 1)) < tonumber(ARGV[3]) then
+    redis.call('HDEL', KEYS[1], machines[j])
+    redis.call('HDEL', KEYS[5], machines[j])
+  end
+end
 if redis.call('HLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 end
@@ -224,9 +235,11 @@ class RedisScheduler(BaseScheduler):
         store, prefix, machine = self.store, self.prefix, self.machine
 
         async def join() -> int:
-            keys = [f"{prefix}:{name}" for name in ("machines", "stats", "started", "closing")]
-            state = f"starting|{time.time() + _MACHINE_TTL_S}"
-            return int(await store.redis.eval(_JOIN, len(keys), *keys, machine, state))
+            keys = [f"{prefix}:{name}"
+                    for name in ("machines", "stats", "started", "closing", "ticked")]
+            now = time.time()
+            state = f"starting|{now + _MACHINE_TTL_S}"
+            return int(await store.redis.eval(_JOIN, len(keys), *keys, machine, state, now))
 
         def joined(machines: int | None, error: BaseException | None) -> None:
             if error is not None:
