@@ -198,3 +198,21 @@ async def test_a_machine_that_died_in_the_last_run_does_not_carry_its_counts_ove
         run = await crawl(Products, settings, timeout=30, url=url, priorities=[0] * 10)
     assert run.finish_reason == "closespider_itemcount"
     assert len(run.items) >= 3, run.stats
+
+
+@inprocess
+async def test_counts_whose_reply_is_lost_are_added_once(server: RedisServer) -> None:
+    """The machine adds its counts to the crawl's after its tick; when that
+    reply was lost, redis-py sent the counts again and Redis added them
+    twice: the crawl's item count ran ahead of its items, and
+    CLOSESPIDER_ITEMCOUNT closed a crawl that had not reached it."""
+    proxy = CuttingProxy(server.port, b"item_scraped_count")
+    try:
+        with listening(CatalogueResource(20, 0.001)) as url:
+            run = await crawl(Products, frontier(proxy.url, CLOSESPIDER_ITEMCOUNT=21),
+                              timeout=30, url=url, priorities=[0] * 20)
+    finally:
+        proxy.close()
+    assert proxy.cut.is_set()
+    assert run.finish_reason == "finished", run.stats
+    assert len(run.items) == 20

@@ -115,7 +115,7 @@ for j = 1, #machines, 2 do
   local sep = string.find(value, '|', 1, true)
   if sep and tonumber(string.sub(value, sep + 1)) < tonumber(ARGV[3]) then
     redis.call('HDEL', KEYS[1], machines[j])
-    redis.call('HDEL', KEYS[5], machines[j])
+    redis.call('HDEL', KEYS[5], machines[j], machines[j] .. '|counts')
   end
 end
 if redis.call('HLEN', KEYS[1]) == 0 then
@@ -221,7 +221,7 @@ class RedisScheduler(BaseScheduler):
         self.crawler.signals.connect(self._response_downloaded, signals.response_downloaded)
         self.crawler.stats.set_value(_STAT + "machine", self.machine)
         spider.speedup_machine = self.machine  # type: ignore[attr-defined]
-        self.counts = SharedCounts(self.prefix, self.limits)
+        self.counts = SharedCounts(self.prefix, self.limits, self.machine)
         if self.limits.itemcount or self.limits.pagecount:
             # Checked at each item and page, as Scrapy's CloseSpider does:
             # the crawl's total from the last exchange, plus what this
@@ -288,9 +288,9 @@ class RedisScheduler(BaseScheduler):
             await store.reap(now)
             totals: dict[str, int] = {}
             if counts is not None:
-                _, totals = await counts.exchange(store.redis, changes)
+                _, totals = await counts.exchange(store.redis, changes, uuid.uuid4().hex)
             await store.redis.hdel(f"{prefix}:machines", machine)
-            await store.redis.hdel(f"{prefix}:ticked", machine)
+            await store.redis.hdel(f"{prefix}:ticked", machine, f"{machine}|counts")
             forgotten = reason == "finished" and await forget_finished_crawl(store.redis, prefix)
             return totals, forgotten
 
@@ -520,8 +520,9 @@ class RedisScheduler(BaseScheduler):
         """On the Redis thread: the tick's job, then the stats exchange if due."""
         outcome = _Outcome(await store.tick(batch.job, time.time()))
         if batch.changes is not None and self.counts is not None:
-            outcome.closing, outcome.totals = await self.counts.exchange(store.redis,
-                                                                         batch.changes)
+            # The job's token: a batch sent again adds its counts once.
+            outcome.closing, outcome.totals = await self.counts.exchange(
+                store.redis, batch.changes, batch.job.token)
         return outcome
 
     def _ran(self, batch: _Batch, outcome: _Outcome | None,
