@@ -180,6 +180,8 @@ class RedisScheduler(BaseScheduler):
         #: The tick that failed, sent again as it was (see store._TICK).
         self._resend: _Batch | None = None
         self._busy = False
+        #: Resolved when the tick in flight has come back (see _close).
+        self._tick_back: Any = None
         self._closed = False
         self._timer: Timer | None = None
         self._renewed_at = self._reaped_at = self._exchanged_at = 0.0
@@ -260,6 +262,15 @@ class RedisScheduler(BaseScheduler):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._busy:
+            # A tick on its way back: what it leased goes back below, and
+            # what it failed to send is sent again, instead of waiting for
+            # the visibility timeout.
+            self._tick_back = self.bridge.new_waiter()
+            timer = self.bridge.call_later(self.config.shutdown_timeout_seconds,
+                                           self.bridge.resolve, self._tick_back, None)
+            await self._tick_back
+            timer.cancel()
         # Leases not started go back at once, for the other machines.
         returned = [lease for lease, _ in self.queue] + list(self.lease_of.values())
         self.queue.clear()
@@ -527,6 +538,14 @@ class RedisScheduler(BaseScheduler):
 
     def _ran(self, batch: _Batch, outcome: _Outcome | None,
              error: BaseException | None) -> None:
+        try:
+            self._take_outcome(batch, outcome, error)
+        finally:
+            if self._tick_back is not None:
+                self.bridge.resolve(self._tick_back, None)
+
+    def _take_outcome(self, batch: _Batch, outcome: _Outcome | None,
+                      error: BaseException | None) -> None:
         self._busy = False
         job = batch.job
         if error is not None or outcome is None:
