@@ -299,3 +299,23 @@ def test_a_key_of_another_type_stops_the_crawl_with_the_reason(tmp_path: Path,
     assert "'squatted:'" in result.log
     assert time.monotonic() - started < 60
 
+
+
+def test_closespider_errorcount_with_engine_processes(tmp_path: Path, redis: RedisServer) -> None:
+    """A machine with engine processes: its callbacks' errors are counted in
+    the engines, and CLOSESPIDER_ERRORCOUNT is the crawl's, in Redis. The
+    errors never reached the counts the machine sends there, so the limit
+    never applied: all 200 pages were crawled."""
+    site = start_capacity_site(capacity=1000, latency_ms=20)
+    try:
+        result = Crawl(tmp_path, spider="h_raise", settings={
+            "SPEEDUP_FRONTIER_URL": redis.url, "SPEEDUP_FRONTIER_NAME": f"crawl{next(_crawls)}",
+            "SPEEDUP_CRAWL_PROCESSES": 2, "CONCURRENT_REQUESTS": 2,
+            "CLOSESPIDER_ERRORCOUNT": 5,
+        }, args={"site": site.url, "count": 200}).result(120)
+    finally:
+        site.process.terminate()
+        site.process.wait(10)
+    assert result.returncode == 0, result.log[-4000:]
+    assert result.stats["finish_reason"] == "closespider_errorcount"
+    assert 5 <= result.stats["spider_exceptions/count"] < 40, result.stats

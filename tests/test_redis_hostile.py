@@ -168,3 +168,123 @@ async def test_a_tick_whose_reply_is_lost_is_not_done_twice(server: RedisServer)
     assert sorted(item["url"] for item in run.items) == sorted(
         f"{url}/product/{i}.html?marker=cut-here" for i in range(5))
     assert run.stat("speedup/frontier/lease_expired_count") == 0
+
+
+@inprocess
+async def test_a_machine_that_died_in_the_last_run_does_not_carry_its_counts_over(
+        server: RedisServer) -> None:
+    """The first machine of a run starts the crawl's counts, start time and
+    closing reason afresh. A machine of the last run that was killed (kill -9,
+    Ctrl-C twice) never left P:machines, so the next run did not count as
+    new: it closed at once with the last run's CLOSESPIDER_ITEMCOUNT reason."""
+    import json
+    import time
+
+    import redis as redis_client
+
+    settings = frontier(server.url, CLOSESPIDER_ITEMCOUNT=3)
+    prefix = settings["SPEEDUP_FRONTIER_NAME"]
+    client = redis_client.Redis.from_url(server.url)
+    try:
+        # What a run left that reached its limit and had a machine killed.
+        client.hset(f"{prefix}:machines", "dead-machine", f"running|{time.time() - 60}")
+        client.hset(f"{prefix}:ticked", "dead-machine", json.dumps(["token", 0, []]))
+        client.hset(f"{prefix}:stats", "item_scraped_count", 3)
+        client.set(f"{prefix}:started", time.time() - 3600)
+        client.set(f"{prefix}:closing", "closespider_itemcount")
+    finally:
+        client.close()
+    with listening(CatalogueResource(20, 0.001)) as url:
+        run = await crawl(Products, settings, timeout=30, url=url, priorities=[0] * 10)
+    assert run.finish_reason == "closespider_itemcount"
+    assert len(run.items) >= 3, run.stats
+
+
+@inprocess
+async def test_counts_whose_reply_is_lost_are_added_once(server: RedisServer) -> None:
+    """The machine adds its counts to the crawl's after its tick; when that
+    reply was lost, redis-py sent the counts again and Redis added them
+    twice: the crawl's item count ran ahead of its items, and
+    CLOSESPIDER_ITEMCOUNT closed a crawl that had not reached it."""
+    proxy = CuttingProxy(server.port, b"item_scraped_count")
+    try:
+        with listening(CatalogueResource(20, 0.001)) as url:
+            run = await crawl(Products, frontier(proxy.url, CLOSESPIDER_ITEMCOUNT=21),
+                              timeout=30, url=url, priorities=[0] * 20)
+    finally:
+        proxy.close()
+    assert proxy.cut.is_set()
+    assert run.finish_reason == "finished", run.stats
+    assert len(run.items) == 20
+
+
+class HoldingProxy(CuttingProxy):
+    """Passes everything, except that once :attr:`armed`, the reply to the
+    next command holding *marker* waits until :attr:`release` is set (a tick
+    that Redis ran and whose reply is still on its way)."""
+
+    def __init__(self, upstream_port: int, marker: bytes) -> None:
+        super().__init__(upstream_port, marker)
+        self.armed, self.holding, self.release = (threading.Event() for _ in range(3))
+
+    def _pump(self, source: socket.socket, target: socket.socket, to_redis: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                if to_redis and self.armed.is_set() and not self.holding.is_set() \
+                        and self.marker in data:
+                    self.holding.set()
+                elif not to_redis and self.holding.is_set() and not self.release.is_set():
+                    self.release.wait(20)
+                target.sendall(data)
+
+
+@inprocess
+async def test_a_tick_in_flight_when_the_machine_closes_leaves_nothing_leased(
+        server: RedisServer) -> None:
+    """The machine closes (Ctrl-C) while a tick is on its way back: what that
+    tick leased (here a start URL pushed meanwhile) must go back with the
+    rest. The close sent the leases it knew of and left that tick's to the
+    visibility timeout (60 s, in which no machine crawls them)."""
+    import asyncio
+    import time
+
+    import redis as redis_client
+
+    settings = frontier(server.url, SPEEDUP_FRONTIER_WAIT_FOR_START_URLS_SECONDS="forever")
+    name = settings["SPEEDUP_FRONTIER_NAME"]
+    proxy = HoldingProxy(server.port, f"{name}:start_urls".encode())
+    settings["SPEEDUP_FRONTIER_URL"] = proxy.url
+    client = redis_client.Redis.from_url(server.url)
+
+    async def stop_with_a_tick_in_flight(crawler: Any) -> None:
+        deadline = time.monotonic() + 20
+        while crawler.stats.get_value("item_scraped_count", 0) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        client.lpush(f"{name}:start_urls", f"{url}/product/7.html")
+        proxy.armed.set()
+        while not proxy.holding.is_set():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        stopping = asyncio.ensure_future(crawler.stop_async())
+        scheduler = crawler.engine._slot.scheduler
+        while not scheduler._closed:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        proxy.release.set()
+        await stopping
+
+    try:
+        with listening(CatalogueResource(20, 0.001)) as url:
+            run = await crawl(Products, settings, timeout=30, url=url, priorities=[0, 0],
+                              during=lambda crawler: asyncio.ensure_future(
+                                  stop_with_a_tick_in_flight(crawler)))
+        assert run.finish_reason == "shutdown"
+        assert len(run.items) == 2
+        assert client.zcard(f"{name}:leases") == 0
+        # The entry, or the request made of it, waits for the next run.
+        assert int(client.get(f"{name}:queued") or 0) == 1
+    finally:
+        proxy.release.set()
+        proxy.close()
+        client.close()

@@ -546,11 +546,15 @@ class Coordinator:
         every = [s for _, s in self._retired] + [e.stats for e in self._engines if e]
         pages = sum(int(s.get("response_received_count", 0)) for s in every)
         self.stats.set_value("response_received_count", pages)
+        errors = sum(int(s.get("spider_exceptions/count", 0)) for s in every)
+        if errors:
+            # Also what a frontier on Redis adds to the crawl's counts, where
+            # CLOSESPIDER_ERRORCOUNT of all machines is checked.
+            self.stats.set_value("spider_exceptions/count", errors)
         if self._limit_reason is not None or self.closing:
             return
         if self._pagecount and pages >= self._pagecount:
             self._limit_reason = "closespider_pagecount"
-        errors = sum(int(s.get("spider_exceptions/count", 0)) for s in every)
         if self._errorcount and errors >= self._errorcount:
             self._limit_reason = "closespider_errorcount"
         if self._limit_reason is not None:

@@ -19,7 +19,7 @@ _COORDINATOR_ONLY = frozenset({
     "item_scraped_count", "items_per_minute", "responses_per_minute",
 })
 #: Keys the coordinator holds as the sum of the engines' while the crawl runs.
-_FROM_ENGINES = frozenset({"response_received_count"})
+_FROM_ENGINES = frozenset({"response_received_count", "spider_exceptions/count"})
 #: Per engine process, under speedup/crawl/engine/<index>/.
 _PER_ENGINE = ("response_received_count", "item_scraped_count")
 

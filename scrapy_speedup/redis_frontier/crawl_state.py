@@ -40,6 +40,25 @@ return 0
 """
 
 
+# A machine's counts added to the crawl's and the totals read, once per
+# token: an exchange whose reply was lost is sent again (by redis-py's retry,
+# or with the machine's job) and must not add its counts twice, which would
+# close the crawl on a CLOSESPIDER_* limit it has not reached. The token is
+# kept in P:ticked under "<machine>|counts". KEYS: P:stats, P:started,
+# P:closing, P:ticked; ARGV: machine, token, now, then counter, change pairs.
+_EXCHANGE = """
+local field = ARGV[1] .. '|counts'
+if redis.call('HGET', KEYS[4], field) ~= ARGV[2] then
+  for i = 4, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+  redis.call('HSET', KEYS[4], field, ARGV[2])
+end
+redis.call('SETNX', KEYS[2], ARGV[3])
+return {redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3]), redis.call('HGETALL', KEYS[1])}
+"""
+
+
 @dataclass(frozen=True)
 class Limits:
     """The crawl's CLOSESPIDER_* limits (0: none)."""
@@ -70,7 +89,9 @@ class SharedCounts:
 
     prefix: str
     limits: Limits
+    machine: str
     _sent: dict[str, int] = field(default_factory=dict)
+    _script: Any = None
 
     def changes(self, stats: StatsCollector) -> dict[str, int]:
         """On the reactor thread: the counters that changed since the last
@@ -92,21 +113,21 @@ class SharedCounts:
         for key, delta in changes.items():
             self._sent[key] = self._sent.get(key, 0) + delta
 
-    async def exchange(self, redis: Redis, changes: dict[str, int]) -> tuple[str | None,
-                                                                              dict[str, int]]:
-        """On the Redis thread: add *changes*, read the totals; the reason the
-        crawl closes, if it does (this machine may be the one to decide)."""
+    async def exchange(self, redis: Redis, changes: dict[str, int],
+                       token: str) -> tuple[str | None, dict[str, int]]:
+        """On the Redis thread: add *changes* (once per *token*), read the
+        totals; the reason the crawl closes, if it does (this machine may be
+        the one to decide)."""
         p = self.prefix
         now = time.time()
-        pipe = redis.pipeline(transaction=False)
+        keys = [f"{p}:stats", f"{p}:started", f"{p}:closing", f"{p}:ticked"]
+        args: list[Any] = [self.machine, token, now]
         for key, delta in changes.items():
-            pipe.hincrby(f"{p}:stats", key, delta)
-        pipe.setnx(f"{p}:started", now)
-        pipe.get(f"{p}:started")
-        pipe.get(f"{p}:closing")
-        pipe.hgetall(f"{p}:stats")
-        results: list[Any] = await pipe.execute()
-        started, closing, raw = results[-3], results[-2], results[-1]
+            args += [key, delta]
+        if self._script is None:
+            self._script = redis.register_script(_EXCHANGE)
+        started, closing, flat = await self._script(keys=keys, args=args)
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
         totals = {k.decode(): int(v) for k, v in raw.items()}
         if isinstance(closing, bytes):
             return closing.decode(), totals

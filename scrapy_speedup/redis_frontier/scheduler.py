@@ -105,8 +105,19 @@ LIMITS_SETTING = "_SPEEDUP_FRONTIER_LIMITS"
 
 # Joining: the first machine of a run starts its counts, start time and
 # closing reason afresh (a crawl resumed after a limit or Ctrl-C closes
-# again only when the new run reaches its limits).
+# again only when the new run reaches its limits). Machines of a past run
+# that died without leaving (kill -9, Ctrl-C twice) are forgotten first, as
+# a tick would: they do not make this run a continuation of theirs.
 _JOIN = """
+local machines = redis.call('HGETALL', KEYS[1])
+for j = 1, #machines, 2 do
+  local value = machines[j + 1]
+  local sep = string.find(value, '|', 1, true)
+  if sep and tonumber(string.sub(value, sep + 1)) < tonumber(ARGV[3]) then
+    redis.call('HDEL', KEYS[1], machines[j])
+    redis.call('HDEL', KEYS[5], machines[j], machines[j] .. '|counts')
+  end
+end
 if redis.call('HLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 end
@@ -169,6 +180,8 @@ class RedisScheduler(BaseScheduler):
         #: The tick that failed, sent again as it was (see store._TICK).
         self._resend: _Batch | None = None
         self._busy = False
+        #: Resolved when the tick in flight has come back (see _close).
+        self._tick_back: Any = None
         self._closed = False
         self._timer: Timer | None = None
         self._renewed_at = self._reaped_at = self._exchanged_at = 0.0
@@ -210,7 +223,7 @@ class RedisScheduler(BaseScheduler):
         self.crawler.signals.connect(self._response_downloaded, signals.response_downloaded)
         self.crawler.stats.set_value(_STAT + "machine", self.machine)
         spider.speedup_machine = self.machine  # type: ignore[attr-defined]
-        self.counts = SharedCounts(self.prefix, self.limits)
+        self.counts = SharedCounts(self.prefix, self.limits, self.machine)
         if self.limits.itemcount or self.limits.pagecount:
             # Checked at each item and page, as Scrapy's CloseSpider does:
             # the crawl's total from the last exchange, plus what this
@@ -224,9 +237,11 @@ class RedisScheduler(BaseScheduler):
         store, prefix, machine = self.store, self.prefix, self.machine
 
         async def join() -> int:
-            keys = [f"{prefix}:{name}" for name in ("machines", "stats", "started", "closing")]
-            state = f"starting|{time.time() + _MACHINE_TTL_S}"
-            return int(await store.redis.eval(_JOIN, len(keys), *keys, machine, state))
+            keys = [f"{prefix}:{name}"
+                    for name in ("machines", "stats", "started", "closing", "ticked")]
+            now = time.time()
+            state = f"starting|{now + _MACHINE_TTL_S}"
+            return int(await store.redis.eval(_JOIN, len(keys), *keys, machine, state, now))
 
         def joined(machines: int | None, error: BaseException | None) -> None:
             if error is not None:
@@ -247,6 +262,15 @@ class RedisScheduler(BaseScheduler):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._busy:
+            # A tick on its way back: what it leased goes back below, and
+            # what it failed to send is sent again, instead of waiting for
+            # the visibility timeout.
+            self._tick_back = self.bridge.new_waiter()
+            timer = self.bridge.call_later(self.config.shutdown_timeout_seconds,
+                                           self.bridge.resolve, self._tick_back, None)
+            await self._tick_back
+            timer.cancel()
         # Leases not started go back at once, for the other machines.
         returned = [lease for lease, _ in self.queue] + list(self.lease_of.values())
         self.queue.clear()
@@ -275,9 +299,9 @@ class RedisScheduler(BaseScheduler):
             await store.reap(now)
             totals: dict[str, int] = {}
             if counts is not None:
-                _, totals = await counts.exchange(store.redis, changes)
+                _, totals = await counts.exchange(store.redis, changes, uuid.uuid4().hex)
             await store.redis.hdel(f"{prefix}:machines", machine)
-            await store.redis.hdel(f"{prefix}:ticked", machine)
+            await store.redis.hdel(f"{prefix}:ticked", machine, f"{machine}|counts")
             forgotten = reason == "finished" and await forget_finished_crawl(store.redis, prefix)
             return totals, forgotten
 
@@ -507,12 +531,21 @@ class RedisScheduler(BaseScheduler):
         """On the Redis thread: the tick's job, then the stats exchange if due."""
         outcome = _Outcome(await store.tick(batch.job, time.time()))
         if batch.changes is not None and self.counts is not None:
-            outcome.closing, outcome.totals = await self.counts.exchange(store.redis,
-                                                                         batch.changes)
+            # The job's token: a batch sent again adds its counts once.
+            outcome.closing, outcome.totals = await self.counts.exchange(
+                store.redis, batch.changes, batch.job.token)
         return outcome
 
     def _ran(self, batch: _Batch, outcome: _Outcome | None,
              error: BaseException | None) -> None:
+        try:
+            self._take_outcome(batch, outcome, error)
+        finally:
+            if self._tick_back is not None:
+                self.bridge.resolve(self._tick_back, None)
+
+    def _take_outcome(self, batch: _Batch, outcome: _Outcome | None,
+                      error: BaseException | None) -> None:
         self._busy = False
         job = batch.job
         if error is not None or outcome is None:

@@ -31,7 +31,9 @@ Keys, under the crawl's prefix ``P`` (``<spider>`` by default):
 ``P:queued``           string  requests queued in all slots
 ``P:ticked``           hash    machine -> its last tick's token, how many it
                                queued and the ids it leased (JSON): a tick
-                               sent again is not done twice
+                               sent again is not done twice; "machine|counts"
+                               -> the token of its last counts added to
+                               ``P:stats`` (:mod:`.crawl_state`)
 ``P:start_urls``       list,   start URLs pushed by the crawl's tooling
                        set or  (scrapy-redis's key and formats; the key's name
                        zset    is a setting): moved into the frontier as needed
@@ -424,7 +426,7 @@ for j = 1, #machines, 2 do
   local sep = string.find(value, '|', 1, true)
   if tonumber(string.sub(value, sep + 1)) < now then
     redis.call('HDEL', P .. ':machines', machines[j])  -- died without leaving
-    redis.call('HDEL', P .. ':ticked', machines[j])
+    redis.call('HDEL', P .. ':ticked', machines[j], machines[j] .. '|counts')
   elseif string.sub(value, 1, sep - 1) == 'starting' then
     starting = starting + 1
   end
