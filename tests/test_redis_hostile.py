@@ -288,3 +288,30 @@ async def test_a_tick_in_flight_when_the_machine_closes_leaves_nothing_leased(
         proxy.release.set()
         proxy.close()
         client.close()
+
+
+class SlowClosingPipeline:
+    """Its close takes a while, as a pipeline's that flushes a batch does."""
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+    async def close_spider(self) -> None:
+        import asyncio
+
+        await asyncio.sleep(0.6)
+
+
+@inprocess
+async def test_a_closing_machine_leases_nothing_more(server: RedisServer) -> None:
+    """Once its crawl closes (a limit, Ctrl-C), a machine would only hand
+    back what it leased: while its pipelines closed it kept leasing as its
+    pages in hand finished, holding their sites' places from the others."""
+    with listening(CatalogueResource(200, 0.2)) as url:
+        run = await crawl(Products, frontier(
+            server.url, CONCURRENT_REQUESTS=4, CLOSESPIDER_ITEMCOUNT=1,
+            ITEM_PIPELINES={SlowClosingPipeline: 300}), timeout=30, url=url,
+            priorities=[0] * 60)
+    assert run.finish_reason == "closespider_itemcount"
+    # Leased before the close: the 4 downloads and a batch of 4 waiting.
+    assert run.stat("speedup/frontier/leased_count") <= 2 * 4, run.stats

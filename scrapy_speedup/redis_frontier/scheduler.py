@@ -483,6 +483,12 @@ class RedisScheduler(BaseScheduler):
         """How many requests to lease now: enough to keep this machine's
         downloads busy and a batch waiting, no more (a lease waiting here
         holds its site's place for the whole crawl)."""
+        engine_slot = getattr(self.crawler.engine, "_slot", None)
+        if self._closing_reason is not None or \
+                (engine_slot is not None and engine_slot.closing is not None):
+            # Closing: it would only hand back what it leased, after holding
+            # those sites' places from the other machines for the close.
+            return 0
         total = self.crawler.settings.getint("CONCURRENT_REQUESTS") or 16
         # Taken from here and not yet handled: the crawl's requests in progress.
         return max(0, 2 * total - len(self.lease_of) - len(self.queue))
