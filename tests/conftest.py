@@ -102,7 +102,8 @@ class CrawlResult:
 # A test whose assertion is a rate or a duration on a shared machine (an
 # adaptive limit, the doctor's block lengths, a site's peak concurrency) may
 # run a second time when it fails; a test of correctness (items lost or
-# doubled, a hang) never does. `make test` counts the reruns ("R" in its progress, "N rerun" at the end).
+# doubled, a hang) never does. `make test` counts the reruns ("R" in its
+# progress, "N rerun" at the end).
 timing = pytest.mark.flaky(reruns=1, reruns_delay=1)
 
 
