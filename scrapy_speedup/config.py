@@ -164,20 +164,27 @@ def _table(settings: BaseSettings, name: str) -> str:
     return table
 
 
+def _list_from_text(name: str, value: Any, must: str) -> Any:
+    """A list given as a string (the command line): JSON if it starts with
+    ``[``, else comma-separated, as ``getlist`` reads it. Other values as
+    they are."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise _error(name, value, f"{must}; this is not valid JSON") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _str_list(settings: BaseSettings, name: str) -> tuple[str, ...]:
     """Like ``getlist`` (comma-separated), and a JSON list from the command line."""
     value = _raw(settings, name)
     if value is _NOT_GIVEN:
         return ()
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except ValueError:
-                raise _error(name, value, "a list; this is not valid JSON") from None
-        else:
-            value = [part.strip() for part in text.split(",") if part.strip()]
+    value = _list_from_text(name, value, "a list")
     if not isinstance(value, (list, tuple)):
         raise _error(name, value, "a list of import paths")
     for item in value:
@@ -684,15 +691,7 @@ def _resource_types(settings: BaseSettings) -> tuple[str, ...]:
     if value is _NOT_GIVEN:
         return ("image", "media", "font")
     must = f"a list of Playwright resource types, from {sorted(_RESOURCE_TYPES)}"
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except ValueError:
-                raise _error(name, value, f"{must}; this is not valid JSON") from None
-        else:  # "image,font"
-            value = [part.strip() for part in text.split(",") if part.strip()]
+    value = _list_from_text(name, value, must)  # "image,font" too
     if not isinstance(value, (list, tuple, set, frozenset)) or not all(
         isinstance(t, str) for t in value
     ):
