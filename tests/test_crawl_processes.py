@@ -24,19 +24,34 @@ from tests.conftest import CrawlResult, DemoSite, run_crawl, start_capacity_site
 pytestmark = pytest.mark.subprocess
 
 TWO = {"SPEEDUP_CRAWL_PROCESSES": 2}
+#: Settings that choose each of the coordinator's frontiers: the byte
+#: frontier with Scrapy's defaults, Scrapy's scheduler and downloader slots
+#: otherwise (DUPEFILTER_DEBUG is one of the reasons, and changes nothing else).
+FRONTIERS: dict[str, dict[str, object]] = {"bytes": {}, "scrapy": {"DUPEFILTER_DEBUG": True}}
+
+
+def frontier_of(log: str) -> str:
+    """Which frontier the crawl of *log* ran on."""
+    if "the crawl's frontier keeps requests as bytes" in log:
+        return "bytes"
+    assert "the crawl's frontier is Scrapy's scheduler" in log, log[-3000:]
+    return "scrapy"
 
 
 def engine_pids(items: list[dict]) -> set[int]:
     return {item["pid"] for item in items if "pid" in item}
 
 
+@pytest.mark.parametrize("frontier", ["bytes", "scrapy"])
 def test_same_crawl_as_one_process(demo_site: DemoSite, follow_whole: CrawlResult,
-                                   runtime: str, tmp_path: Path) -> None:
+                                   runtime: str, tmp_path: Path, frontier: str) -> None:
     """The demo site, every link followed (most are to pages already seen):
-    the same pages, each scraped once, and the same counts."""
+    the same pages, each scraped once, and the same counts, on either
+    frontier."""
     one = follow_whole
     two = run_crawl(tmp_path, spider="follow", runtime=runtime,
-                    args={"site": demo_site.url}, settings=TWO)
+                    args={"site": demo_site.url}, settings={**TWO, **FRONTIERS[frontier]})
+    assert frontier_of(two.log) == frontier
     for result in (one, two):
         assert result.returncode == 0, result.log
         assert result.stats["finish_reason"] == "finished"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Crawl, CrawlResult, DemoSite, run_crawl
+from tests.test_crawl_processes import FRONTIERS, frontier_of
 
 pytestmark = pytest.mark.subprocess
 
@@ -30,10 +31,12 @@ def start(tmp_path: Path, demo_site: DemoSite, **settings: object) -> tuple[Craw
     return crawl, pids
 
 
+@pytest.mark.parametrize("frontier", ["bytes", "scrapy"])
 def test_an_engine_killed_mid_crawl_loses_nothing(demo_site: DemoSite, follow_whole: CrawlResult,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path, frontier: str) -> None:
+    """On either frontier (see FRONTIERS in test_crawl_processes.py)."""
     whole = follow_whole
-    crawl, pids = start(tmp_path, demo_site)
+    crawl, pids = start(tmp_path, demo_site, **FRONTIERS[frontier])
     os.kill(pids[0], signal.SIGKILL)
     result = crawl.result(timeout=120)
     assert result.returncode == 0, result.log
@@ -45,6 +48,7 @@ def test_an_engine_killed_mid_crawl_loses_nothing(demo_site: DemoSite, follow_wh
     assert result.stats["speedup/crawl/process_restart_count"] == 1
     assert f"engine process 0 (pid {pids[0]}) ended during the crawl (killed by SIGKILL)" \
         in result.log
+    assert frontier_of(result.log) == frontier
     assert not result.alive_descendants()
 
 

@@ -33,6 +33,7 @@ from scrapy.exceptions import CloseSpider
 from scrapy.utils.request import request_from_dict
 
 from scrapy_speedup.crawl import engine_process
+from scrapy_speedup.crawl.byte_frontier import ByteFrontier, Entry
 from scrapy_speedup.crawl.channel import Channel
 from scrapy_speedup.crawl.protocol import (
     Close,
@@ -40,6 +41,7 @@ from scrapy_speedup.crawl.protocol import (
     CookieUpdate,
     Lease,
     Message,
+    NewRequest,
     Ready,
     Report,
     StartFailed,
@@ -104,13 +106,23 @@ HANDLED = LeaseOutcome(None, None, "handled without a download")
 @dataclass(eq=False)
 class _Lease:
     id: int
-    #: None for a request the engine keeps (it could not be serialized).
+    #: The request lent (Scrapy's frontier), or None: an entry of the byte
+    #: frontier, or a request the engine keeps (it could not be serialized).
     request: Request | None
     engine: _Engine
     #: Resolved with a LeaseOutcome when the download ends; None after.
     waiter: Any = None
     #: Items of the response, pickled, committed on the acknowledgement.
     items: list[bytes] = field(default_factory=list)
+    #: The byte frontier's entry lent, while its download has not ended (it
+    #: holds a place of its site's slot); see ``entry_done``.
+    entry: Entry | None = None
+    entry_done: Entry | None = None
+
+    @property
+    def kept(self) -> bool:
+        """A request the engine keeps: nothing here to crawl again."""
+        return self.request is None and self.entry is None and self.entry_done is None
 
 
 @dataclass(eq=False)
@@ -185,6 +197,11 @@ class Coordinator:
         self._pagecount = crawler.settings.getint("CLOSESPIDER_PAGECOUNT")
         self._errorcount = crawler.settings.getint("CLOSESPIDER_ERRORCOUNT")
         self._max_message_bytes = int(config.process_max_message_mb * 2**20)
+        #: The byte frontier, when the crawl's scheduling allows it: requests
+        #: from engines go there as they came, and it lends them (lend_entry).
+        self.frontier: ByteFrontier | None = None
+        # Suspects of the byte frontier waiting for the one out.
+        self._suspect_entries: list[Entry] = []
 
     # -- start ------------------------------------------------------------------
 
@@ -368,6 +385,36 @@ class Coordinator:
                 return RETURNED
             self.stats.inc_value(_STAT + "lease_reassigned_count")
 
+    def lend_entry(self, entry: Entry) -> bool:
+        """Lend the byte frontier's *entry* to the engine with the fewest
+        leases; False when none has room now."""
+        if self.closing:
+            return False
+        if self._deaths and entry.fingerprint in self._deaths and not self.closing:
+            if self._suspect_out is not None:
+                # Handled alone (see _POISON_DEATHS): it waits, holding its
+                # site's place, for the suspect out to be done with.
+                self._suspect_entries.append(entry)
+                return True
+        engine = self._free_engine()
+        if engine is None:
+            return False
+        self._next_id += 1
+        self._turn = engine.index + 1
+        lease = _Lease(self._next_id, None, engine, entry=entry)
+        engine.leases[lease.id] = lease
+        engine.outbox.append((lease.id, entry.blob))
+        if self._deaths and entry.fingerprint in self._deaths:
+            self._suspect_out = lease
+        self._flush_soon()
+        return True
+
+    def _entry_released(self, lease: _Lease, *, downloaded: bool) -> None:
+        entry = lease.entry
+        if entry is not None and self.frontier is not None:
+            lease.entry, lease.entry_done = None, entry
+            self.frontier.released(entry, downloaded=downloaded)
+
     def _flush_soon(self) -> None:
         if self._flush_timer is None:
             self._flush_timer = self.bridge.call_later(0, self._flush)
@@ -390,6 +437,8 @@ class Coordinator:
                 lease = engine.leases.pop(lease_id, None)
                 if lease is not None and lease.waiter is not None:
                     self.bridge.resolve(lease.waiter, RETURNED)
+                elif lease is not None and lease.entry is not None:
+                    self._entry_returned(lease.entry)
 
     def _wake_room(self) -> None:
         waiters, self._room_waiters = self._room_waiters, []
@@ -430,21 +479,12 @@ class Coordinator:
                              engine.index, extra={"crawler": self.crawler})
 
     def _on_report(self, engine: _Engine, report: Report) -> None:
-        spider = self.crawler.spider
         if report.cookies:
             self._share_cookies(engine, report.cookies)
-        for fingerprint, blob in report.requests:
-            if fingerprint is not None and self._seen(fingerprint):
-                continue
-            try:
-                request = request_from_dict(pickle.loads(blob), spider=spider)
-            except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything
-                self.stats.inc_value(_STAT + "request_error_count")
-                logger.error("scrapy-speedup: a request from engine %d could not be rebuilt"
-                             " (%r); it is not crawled", engine.index, exc,
-                             extra={"crawler": self.crawler})
-                continue
-            self._enqueue(request)
+        if self.frontier is not None:
+            self.frontier.push_many(report.requests)
+        else:
+            self._rebuild_requests(engine, report.requests)
         for lease_id, blob in report.items:
             held = engine.leases.get(lease_id) if lease_id is not None else None
             if held is not None:
@@ -456,6 +496,8 @@ class Coordinator:
             if held is not None and held.waiter is not None:
                 self.bridge.resolve(held.waiter, LeaseOutcome(status, latency, error))
                 held.waiter = None
+            elif held is not None and held.entry is not None:
+                self._entry_released(held, downloaded=True)
         for lease_id in report.local:
             engine.leases[lease_id] = _Lease(lease_id, None, engine)
             self.stats.inc_value(_STAT + "kept_in_engine_count")
@@ -467,6 +509,8 @@ class Coordinator:
                 self._next_suspect()
             if held.waiter is not None:
                 self.bridge.resolve(held.waiter, HANDLED)
+            elif held.entry is not None:
+                self._entry_released(held, downloaded=False)
             done = partial(self._handled, held.request) \
                 if self._handled is not None and held.request is not None else None
             self._commit_all(held.items, done)
@@ -476,6 +520,23 @@ class Coordinator:
         if report.acked:
             self._wake_room()
             self._wake()
+
+    def _rebuild_requests(self, engine: _Engine, requests: list[NewRequest]) -> None:
+        """Scrapy's frontier: each new request rebuilt, for the project's
+        scheduler (a duplicate by fingerprint is dropped before)."""
+        spider = self.crawler.spider
+        for fingerprint, dont_filter, _, _, blob in requests:
+            if not dont_filter and self._seen(fingerprint):
+                continue
+            try:
+                request = request_from_dict(pickle.loads(blob), spider=spider)
+            except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything
+                self.stats.inc_value(_STAT + "request_error_count")
+                logger.error("scrapy-speedup: a request from engine %d could not be rebuilt"
+                             " (%r); it is not crawled", engine.index, exc,
+                             extra={"crawler": self.crawler})
+                continue
+            self._enqueue(request)
 
     def _share_cookies(self, source: _Engine, updates: list[CookieUpdate]) -> None:
         """Pass cookies one engine set on to the others, in their next lease
@@ -578,6 +639,10 @@ class Coordinator:
                 continue
             if held.waiter is not None:
                 self.bridge.resolve(held.waiter, RETURNED)
+            elif held.entry is not None:
+                self._entry_returned(held.entry)
+            elif held.entry_done is not None:
+                self._requeue_entry(held.entry_done)
             elif held.request is not None:
                 self._requeue(held.request)
         if not self.closing:
@@ -633,24 +698,7 @@ class Coordinator:
                 logger.error("scrapy-speedup: engine process %d ended before it opened the"
                              " spider (%s)", engine.index, why, extra={"crawler": self.crawler})
                 self._replace(engine)
-        lost = poisoned = 0
-        for held in engine.leases.values():
-            alone = held is self._suspect_out
-            if alone:
-                self._next_suspect()
-            if held.waiter is not None:
-                self.bridge.resolve(held.waiter, RETURNED)  # not downloaded yet
-            elif held.request is None:
-                lost += 1
-            elif crashed and self._poison(held.request, alone):
-                poisoned += 1
-                if self._handled is not None:
-                    self._handled(held.request)  # done with: not crawled again
-            else:
-                self._requeue(held.request)
-        requeued = len(engine.leases) - lost - poisoned
-        engine.leases.clear()
-        engine.outbox.clear()
+        requeued, lost = self._hand_back(engine, crashed)
         if crashed and engine.ready:
             self.stats.inc_value(_STAT + "process_crash_count")
             logger.error(
@@ -668,12 +716,65 @@ class Coordinator:
         self._wake()
         self._check_all_closed()
 
+    def _hand_back(self, engine: _Engine, crashed: bool) -> tuple[int, int]:
+        """The leases of an engine that is gone: those not downloaded go to
+        another engine, the others back to the frontier (or are dropped as
+        poison). How many went back, and how many were lost (kept there)."""
+        lost = poisoned = 0
+        for held in engine.leases.values():
+            alone = held is self._suspect_out
+            if alone:
+                self._next_suspect()
+            if held.waiter is not None:
+                self.bridge.resolve(held.waiter, RETURNED)  # not downloaded yet
+            elif held.entry is not None:
+                self._entry_returned(held.entry)  # not downloaded yet
+            elif held.kept:
+                lost += 1
+            elif held.entry_done is not None:
+                if crashed and self._poison_entry(held.entry_done, alone):
+                    poisoned += 1
+                else:
+                    self._requeue_entry(held.entry_done)
+            elif held.request is None:  # pragma: no cover - kept is above
+                lost += 1
+            elif crashed and self._poison(held.request, alone):
+                poisoned += 1
+                if self._handled is not None:
+                    self._handled(held.request)  # done with: not crawled again
+            else:
+                self._requeue(held.request)
+        requeued = len(engine.leases) - lost - poisoned
+        engine.leases.clear()
+        engine.outbox.clear()
+        return requeued, lost
+
+    def _entry_returned(self, entry: Entry) -> None:
+        """An entry lent and not downloaded: to another engine, or, while the
+        crawl closes, nowhere (the byte frontier runs without JOBDIR)."""
+        if self.frontier is not None:
+            if not self.closing:
+                self.stats.inc_value(_STAT + "lease_reassigned_count")
+            self.frontier.returned(entry)
+
+    def _requeue_entry(self, entry: Entry) -> None:
+        self.stats.inc_value(_STAT + "requeued_count")
+        if self.frontier is not None:
+            self.frontier.requeue(entry)
+        self._wake()
+
+    def _poison_entry(self, entry: Entry, alone: bool) -> bool:
+        return self._poison_fingerprint(entry.fingerprint, entry.describe(), alone)
+
     def _poison(self, request: Request, alone: bool) -> bool:
+        fingerprint = self.crawler.request_fingerprinter.fingerprint(request)
+        return self._poison_fingerprint(fingerprint, request, alone)
+
+    def _poison_fingerprint(self, fingerprint: bytes, request: object, alone: bool) -> bool:
         """Count a death against *request*, which was being handled in an
         engine that died: with others (it becomes a suspect, handled alone
         from now on), or alone (a suspect whose engine died again). Whether
         it is now taken to be what kills them: then it is dropped."""
-        fingerprint = self.crawler.request_fingerprinter.fingerprint(request)
         deaths = self._deaths.get(fingerprint, 0) + (1 if alone else 0)
         self._deaths[fingerprint] = deaths
         if deaths < _POISON_DEATHS:
@@ -691,6 +792,10 @@ class Coordinator:
         waiters, self._suspect_waiters = self._suspect_waiters, []
         for waiter in waiters:
             self.bridge.resolve(waiter, None)
+        entries, self._suspect_entries = self._suspect_entries, []
+        for entry in entries:  # they hold their sites' places: lent again
+            if self.frontier is not None:
+                self.frontier.returned(entry)
 
     def _replace(self, engine: _Engine) -> None:
         if engine.restarts >= _RESTARTS_PER_ENGINE:

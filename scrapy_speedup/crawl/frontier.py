@@ -1,13 +1,19 @@
 """The coordinator's scheduler: the crawl's one frontier.
 
-It wraps the project's own scheduler (``SCHEDULER``, Scrapy's by default),
-so its queues, priorities, ``DUPEFILTER_CLASS`` and ``JOBDIR`` keep working,
-and it never gives the coordinator's engine a request to download: a
-dispatcher takes requests from the queues in priority order into the
-coordinator's downloader, whose per-site slots (``CONCURRENT_REQUESTS*``,
-``DOWNLOAD_DELAY``, AutoThrottle, adaptive concurrency) hold for the whole
-crawl, and which lends each request to an engine process
-(:mod:`.downloader`, :mod:`.coordinator`).
+It never gives the coordinator's engine a request to download: a dispatcher
+lends each request to an engine process (:mod:`.coordinator`) when the
+crawl's limits allow. Two frontiers stand behind it:
+
+- with Scrapy's default scheduling (scheduler, dupefilter, memory queues, no
+  ``JOBDIR``, AutoThrottle or adaptive concurrency), the byte frontier
+  (:mod:`.byte_frontier`): Scrapy's algorithm over the requests' bytes, never
+  rebuilding a request, about ten times cheaper a request;
+- otherwise the project's own scheduler (``SCHEDULER``), wrapped, so its
+  queues, priorities, ``DUPEFILTER_CLASS`` and ``JOBDIR`` keep working: the
+  dispatcher takes requests from it in priority order into the coordinator's
+  downloader, whose per-site slots (``CONCURRENT_REQUESTS*``,
+  ``DOWNLOAD_DELAY``, AutoThrottle, adaptive concurrency) hold for the whole
+  crawl, and which lends each request to an engine (:mod:`.downloader`).
 
 The crawl is idle, and Scrapy's ``spider_idle`` is sent, only when the queues
 are empty and every lease has been acknowledged. The coordinator's close
@@ -30,6 +36,7 @@ from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import build_from_crawler, load_object
 
 from scrapy_speedup.config import SpeedupConfig
+from scrapy_speedup.crawl.byte_frontier import ByteFrontier, Entry, slot_key, usable
 from scrapy_speedup.crawl.coordinator import Coordinator
 from scrapy_speedup.crawl.downloader import LeaseEnded
 from scrapy_speedup.crawl.engine_process import spec_for
@@ -76,6 +83,7 @@ class FrontierScheduler(BaseScheduler):
         self._warned_callbacks: set[str] = set()
         self._closing = False
         self._fingerprints: set[bytes] | None = None
+        self.frontier: ByteFrontier | None = None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -122,6 +130,7 @@ class FrontierScheduler(BaseScheduler):
         assert engine._slot is not None
         engine._slot.add_request(self._sentinel)
         self._fingerprints = self._seen_fingerprints()
+        self._choose_frontier(bridge)
         self.crawler.signals.connect(self._spider_opened, signals.spider_opened)
         self._hold_reactor_until_closed()
         try:
@@ -132,6 +141,21 @@ class FrontierScheduler(BaseScheduler):
             # here would skip.
             await engine.scraper.open_spider_async()
             raise
+
+    def _choose_frontier(self, bridge: Any) -> None:
+        assert self.coordinator is not None
+        why_not = usable(self.crawler, self.inner)
+        if why_not is None:
+            assert self._fingerprints is not None  # Scrapy's RFPDupeFilter: see usable()
+            self.frontier = ByteFrontier(self.crawler, bridge, fingerprints=self._fingerprints,
+                                         lend=self.coordinator.lend_entry)
+            self.coordinator.frontier = self.frontier
+            logger.info("scrapy-speedup: the crawl's frontier keeps requests as bytes"
+                        " (Scrapy's default scheduling)", extra={"crawler": self.crawler})
+        else:
+            logger.info("scrapy-speedup: the crawl's frontier is Scrapy's scheduler and"
+                        " downloader slots, in this process: %s", why_not,
+                        extra={"crawler": self.crawler})
 
     def _hold_reactor_until_closed(self) -> None:
         """Scrapy's graceful stop (Ctrl-C) of a crawler still opening stops
@@ -214,6 +238,9 @@ class FrontierScheduler(BaseScheduler):
         """Put back in the queues the requests that wait in the downloader
         for their site's turn: they were never lent, and the downloader's
         close would drop them (JOBDIR keeps them this way)."""
+        if self.frontier is not None:
+            self.frontier.close()  # no JOBDIR: what waits is dropped, as Scrapy's memory
+            return
         downloader = self.crawler.engine.downloader
         for slot in list(downloader.slots.values()):
             while slot.queue:
@@ -231,14 +258,15 @@ class FrontierScheduler(BaseScheduler):
 
     def has_pending_requests(self) -> bool:
         return self.inner.has_pending_requests() or (
-            self.coordinator is not None and self.coordinator.outstanding > 0
-        )
+            self.frontier is not None and self.frontier.pending
+        ) or (self.coordinator is not None and self.coordinator.outstanding > 0)
 
     def enqueue_request(self, request: Request) -> bool:
         """A request made in this process (start(), a spider_idle handler):
         refused, with an error, if it cannot be sent to an engine process."""
         try:
-            pickle.dumps(request.to_dict(spider=self.crawler.spider))
+            blob = pickle.dumps(request.to_dict(spider=self.crawler.spider),
+                                protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything
             self.crawler.stats.inc_value("speedup/crawl/unserializable_count")
             key = repr(getattr(request.callback, "__qualname__", request.callback))
@@ -252,6 +280,15 @@ class FrontierScheduler(BaseScheduler):
                     extra={"crawler": self.crawler},
                 )
             return False
+        if self.frontier is not None:
+            fingerprint = self.crawler.request_fingerprinter.fingerprint(request)
+            added = self.frontier.push(Entry(
+                fingerprint, request.dont_filter, slot_key(request), request.priority, blob,
+                start=bool(request.meta.get("is_start_request")),
+            ))
+            if added:
+                self.pump_soon()
+            return added
         return self._enqueue_known(request)
 
     def next_request(self) -> Request | None:
@@ -259,6 +296,8 @@ class FrontierScheduler(BaseScheduler):
         return None
 
     def __len__(self) -> int:
+        if self.frontier is not None:
+            return len(self.frontier)
         return len(self.inner) if hasattr(self.inner, "__len__") else 0  # type: ignore[arg-type]
 
     # -- requests from engines ------------------------------------------------------
@@ -335,6 +374,12 @@ class FrontierScheduler(BaseScheduler):
         scraper_slot: Any = engine.scraper.slot
         if scraper_slot is None:
             return  # the crawl pipelines are not open yet: spider_opened pumps
+        if self.frontier is not None:
+            items_high = scraper_slot.itemproc_size >= _ITEMS_HIGH
+            self.frontier.pump(held=getattr(downloader, "held", False) or items_high)
+            if items_high:
+                self.pump_soon(_HELD_POLL_S)
+            return
         while not downloader.needs_backout():
             if scraper_slot.itemproc_size >= _ITEMS_HIGH:
                 self.pump_soon(_HELD_POLL_S)

@@ -39,6 +39,7 @@ from scrapy.utils.misc import build_from_crawler, load_object
 from scrapy.utils.request import request_from_dict
 
 from scrapy_speedup.crawl import engine_process
+from scrapy_speedup.crawl.byte_frontier import slot_key
 from scrapy_speedup.crawl.channel import Channel
 from scrapy_speedup.crawl.protocol import Close, Lease, Message, Ready, Report
 from scrapy_speedup.extension import SpeedupExtension
@@ -197,9 +198,10 @@ class LeaseScheduler(BaseScheduler):
         except Exception as exc:  # noqa: BLE001 - pickling and user code raise anything
             return self._keep(request, exc)
         # Computed (and cached) by the dupefilter just now, for most.
-        fingerprint = None if request.dont_filter else \
-            self.crawler.request_fingerprinter.fingerprint(request)
-        self.report.requests.append((fingerprint, blob))
+        fingerprint = self.crawler.request_fingerprinter.fingerprint(request)
+        self.report.requests.append(
+            (fingerprint, request.dont_filter, slot_key(request), request.priority, blob)
+        )
         self._soon()
         return True
 

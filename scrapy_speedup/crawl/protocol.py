@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 from scrapy_speedup.exceptions import ProtocolError
 
 __all__ = [
-    "Close", "Closed", "CookieUpdate", "Lease", "Message", "Ready", "Report", "StartFailed",
-    "decode", "encode",
+    "Close", "Closed", "CookieUpdate", "Lease", "Message", "NewRequest", "Ready", "Report",
+    "StartFailed", "decode", "encode",
 ]
 
 #: (lease id, HTTP status or None, download latency in seconds or None, name
@@ -40,6 +40,12 @@ Release = tuple[int, "int | None", "float | None", "str | None"]
 #: ``http.cookiejar.Cookie`` objects). Cookies are the crawl's: every engine
 #: applies every other engine's, so a login in one holds in all.
 CookieUpdate = tuple[Any, str, list[Any]]
+#: A request a callback made: (its fingerprint, ``dont_filter``, its download
+#: slot, its priority, pickled ``Request.to_dict``). The engine computes the
+#: first four with the crawl's own fingerprinter and slot rules, so that the
+#: coordinator filters, queues and lends the request without rebuilding it
+#: (:mod:`.byte_frontier`). A plain tuple: it pickles fastest.
+NewRequest = tuple[bytes, bool, str, int, bytes]
 
 
 @dataclass(slots=True)
@@ -84,10 +90,8 @@ class Report:
     docstring for the order of handling)."""
 
     KIND: ClassVar[bytes] = b"R"
-    #: New requests: (fingerprint, or None when ``dont_filter``; pickled
-    #: ``Request.to_dict``). The fingerprint lets the coordinator filter a
-    #: duplicate without rebuilding the request.
-    requests: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    #: New requests (see NewRequest).
+    requests: list[NewRequest] = field(default_factory=list)
     #: Items that passed the engine's pipelines: (lease of the response that
     #: made it, or None; pickled item).
     items: list[tuple[int | None, bytes]] = field(default_factory=list)
