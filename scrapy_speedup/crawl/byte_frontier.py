@@ -379,6 +379,10 @@ class ByteFrontier:
             penalty = delay - now + site.lastseen
             if penalty > 0:
                 site.timer = self._bridge.call_later(penalty, self._timer_fired, site)
+                # It waits for its delay now, not for an engine (a longer
+                # delay drawn with jitter, after a try that found none with
+                # room): the other sites go on meanwhile.
+                self._blocked.pop(site.key, None)
                 return
         while site.queue and site.out < site.limits.concurrency:
             entry = site.queue[0]
