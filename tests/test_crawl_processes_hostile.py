@@ -263,6 +263,29 @@ def test_a_spider_idle_feeder_goes_on_then_ends(site: Site, tmp_path: Path) -> N
     assert len(urls) == 1 + 3 * 5 and max(urls.values()) == 1, urls
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_lazy_start_waits_for_room(site: Site, tmp_path: Path, processes: int) -> None:
+    """Scrapy's recipe for a long start() (pause while the engine backs out,
+    until scheduler_empty) keeps the scheduler nearly empty in one process:
+    with engine processes too, on either frontier, not every start request
+    read at once into the coordinator's memory."""
+    from tests.test_crawl_processes import FRONTIERS
+
+    for frontier, extra in FRONTIERS.items():
+        (tmp_path / frontier).mkdir()
+        result = run_crawl(tmp_path / frontier, spider="h_lazy_start", timeout=90,
+                           settings={**TWO, **extra, "SPEEDUP_CRAWL_PROCESSES": processes,
+                                     "CONCURRENT_REQUESTS": 4},
+                           args={"site": site.url, "count": 200})
+        ok(result)
+        assert result.stats["finish_reason"] == "finished"
+        assert len(result.items) == 200
+        # One process: at most a request or two waiting at any time.
+        assert result.stats["lazy/scheduled_max"] <= 4 * 2, (frontier, result.stats)
+        if processes == 1:
+            break  # no frontier of engine processes to choose
+
+
 def test_start_urls_and_an_item_that_does_not_pickle(site: Site, tmp_path: Path) -> None:
     """start_urls only (Scrapy's own start()); one item holds a lock. The
     others all arrive; the bad one is an error, counted, as in one process

@@ -234,6 +234,13 @@ class ByteFrontier:
     def pending(self) -> bool:
         return bool(self._queued or self.active)
 
+    @property
+    def full(self) -> bool:
+        """Whether CONCURRENT_REQUESTS are in the sites' slots: Scrapy's
+        ``Downloader.needs_backout``, which the engine's ``needs_backout``
+        (and a start() that waits on it) reads."""
+        return 0 < self._total <= self.active
+
     # -- in ---------------------------------------------------------------------------
 
     def push(self, entry: Entry) -> bool:

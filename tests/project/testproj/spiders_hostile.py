@@ -284,6 +284,23 @@ class PagesSpider(_Base):
         yield {"n": n, "url": response.url, "pid": os.getpid()}
 
 
+class LazyStartSpider(PagesSpider):
+    """Scrapy's recipe for a start() read as the crawl has room
+    (:ref:`start-requests-lazy`): before each start request, wait while the
+    engine backs out. The most requests the scheduler held meanwhile is in
+    the stats (``lazy/scheduled_max``)."""
+
+    name = "h_lazy_start"
+
+    async def start(self):
+        async for request in super().start():
+            if self.crawler.engine.needs_backout():
+                await self.crawler.signals.wait_for(signals.scheduler_empty)
+            scheduler = self.crawler.engine._slot.scheduler
+            self.crawler.stats.max_value("lazy/scheduled_max", len(scheduler))
+            yield request
+
+
 class RaiseSpider(_Base):
     """Every callback raises."""
 
