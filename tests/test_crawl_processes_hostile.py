@@ -286,6 +286,27 @@ def test_a_lazy_start_waits_for_room(site: Site, tmp_path: Path, processes: int)
             break  # no frontier of engine processes to choose
 
 
+def test_a_link_is_crawled_while_its_pages_item_is_in_the_pipelines(site: Site,
+                                                                   tmp_path: Path) -> None:
+    """Page n links to page n + 1, and the engine's pipeline holds page n's
+    item until page n + 1 is parsed: as in one process, the link is lent at
+    once, on either frontier, not when page n is done with (which waits for
+    that pipeline)."""
+    from tests.test_crawl_processes import FRONTIERS
+
+    for processes, (frontier, extra) in [(1, ("one", {})), *((2, f) for f in FRONTIERS.items())]:
+        (tmp_path / frontier / "marks").mkdir(parents=True)
+        result = run_crawl(tmp_path / frontier, spider="h_chain", timeout=60,
+                           settings={**TWO, **extra, "SPEEDUP_CRAWL_PROCESSES": processes},
+                           args={"site": site.url, "count": 4, "wait_s": 3,
+                                 "mark_dir": tmp_path / frontier / "marks"})
+        ok(result)
+        assert result.stats["finish_reason"] == "finished"
+        assert sorted(i["n"] for i in result.items) == [0, 1, 2, 3]
+        late = [i["n"] for i in result.items if i.get("waited_out")]
+        assert not late, f"{frontier}: page n+1 not crawled while item n was held, n in {late}"
+
+
 def test_start_urls_and_an_item_that_does_not_pickle(site: Site, tmp_path: Path) -> None:
     """start_urls only (Scrapy's own start()); one item holds a lock. The
     others all arrive; the bad one is an error, counted, as in one process

@@ -257,8 +257,9 @@ class ByteFrontier:
         self.stats.inc_value("scheduler/enqueued")
         return True
 
-    def push_many(self, entries: list[tuple[bytes, bool, str, int, bytes]]) -> None:
-        """:meth:`push` for a report's requests, counted once."""
+    def push_many(self, entries: list[tuple[bytes, bool, str, int, bytes]]) -> int:
+        """:meth:`push` for a report's requests, counted once; how many were
+        queued."""
         seen = self._seen
         filtered = queued = 0
         for fingerprint, dont_filter, slot, priority, blob in entries:
@@ -276,6 +277,7 @@ class ByteFrontier:
         if queued:
             self.stats.inc_value("scheduler/enqueued/memory", queued)
             self.stats.inc_value("scheduler/enqueued", queued)
+        return queued
 
     def requeue(self, entry: Entry) -> None:
         """Put back an entry that was lent and not handled: past the

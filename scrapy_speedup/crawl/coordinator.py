@@ -482,7 +482,10 @@ class Coordinator:
         if report.cookies:
             self._share_cookies(engine, report.cookies)
         if self.frontier is not None:
-            self.frontier.push_many(report.requests)
+            if self.frontier.push_many(report.requests):
+                # Lent now, as Scrapy's frontier does on each enqueue: the
+                # page that made them may be long in its pipelines.
+                self._wake()
         else:
             self._rebuild_requests(engine, report.requests)
         for lease_id, blob in report.items:
