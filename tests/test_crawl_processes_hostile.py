@@ -292,14 +292,29 @@ def test_a_link_is_crawled_while_its_pages_item_is_in_the_pipelines(site: Site,
     item until page n + 1 is parsed: as in one process, the link is lent at
     once, on either frontier, not when page n is done with (which waits for
     that pipeline)."""
+    _hold_items_until_the_next_page(site, tmp_path, chain=True)
+
+
+def test_a_download_that_ends_frees_its_place_before_its_page_is_done(site: Site,
+                                                                    tmp_path: Path) -> None:
+    """CONCURRENT_REQUESTS = 1 and every page queued; the engine's pipeline
+    holds page n's item until page n + 1 is parsed: as in one process, the
+    place page n's download held is free when the download ends, on either
+    frontier, not only when page n is done with (which waits for that
+    pipeline)."""
+    _hold_items_until_the_next_page(site, tmp_path, chain=False)
+
+
+def _hold_items_until_the_next_page(site: Site, tmp_path: Path, *, chain: bool) -> None:
     from tests.test_crawl_processes import FRONTIERS
 
     for processes, (frontier, extra) in [(1, ("one", {})), *((2, f) for f in FRONTIERS.items())]:
         (tmp_path / frontier / "marks").mkdir(parents=True)
         result = run_crawl(tmp_path / frontier, spider="h_chain", timeout=60,
-                           settings={**TWO, **extra, "SPEEDUP_CRAWL_PROCESSES": processes},
+                           settings={**TWO, **extra, "SPEEDUP_CRAWL_PROCESSES": processes,
+                                     "CONCURRENT_REQUESTS": 1 if not chain else 16},
                            args={"site": site.url, "count": 4, "wait_s": 3,
-                                 "mark_dir": tmp_path / frontier / "marks"})
+                                 "chain": int(chain), "mark_dir": tmp_path / frontier / "marks"})
         ok(result)
         assert result.stats["finish_reason"] == "finished"
         assert sorted(i["n"] for i in result.items) == [0, 1, 2, 3]

@@ -305,23 +305,27 @@ class ChainSpider(_Base):
     """Page n links to page n + 1 only. The engine's pipeline holds page n's
     item until page n + 1 has been parsed (a file in ``mark_dir`` says so),
     for at most ``wait_s``: as in one process, the link must be crawled while
-    the item is in the pipelines, not only once its page is done with."""
+    the item is in the pipelines, not only once its page is done with.
+    ``chain=0``: every page is a start request instead (by priority, page 0
+    first), and page n + 1 must be downloaded once page n's download ends."""
 
     name = "h_chain"
     custom_settings = {"ITEM_PIPELINES": {"testproj.spiders_hostile.WaitForNextPipeline": 100}}
 
-    def __init__(self, site, mark_dir, wait_s="3", **kwargs):
+    def __init__(self, site, mark_dir, wait_s="3", chain="1", **kwargs):
         super().__init__(site, **kwargs)
         self.mark_dir = mark_dir
         self.wait_s = float(wait_s)
+        self.chain = chain == "1"
 
     async def start(self):
-        yield scrapy.Request(f"{self.site}/page/0", cb_kwargs={"n": 0})
+        for n in range(1 if self.chain else self.count):
+            yield scrapy.Request(f"{self.site}/page/{n}", cb_kwargs={"n": n}, priority=-n)
 
     def parse(self, response, n):
         with open(os.path.join(self.mark_dir, str(n)), "w"):
             pass
-        if n + 1 < self.count:
+        if self.chain and n + 1 < self.count:
             yield scrapy.Request(f"{self.site}/page/{n + 1}", cb_kwargs={"n": n + 1})
         yield {"n": n, "pid": os.getpid()}
 
