@@ -262,9 +262,12 @@ class ByteFrontier:
         queued."""
         seen = self._seen
         filtered = queued = 0
-        for fingerprint, dont_filter, slot, priority, blob in entries:
+        first_filtered = 0
+        for index, (fingerprint, dont_filter, slot, priority, blob) in enumerate(entries):
             if not dont_filter:
                 if fingerprint in seen:
+                    if not filtered:
+                        first_filtered = index
                     filtered += 1
                     continue
                 seen.add(fingerprint)
@@ -273,7 +276,7 @@ class ByteFrontier:
         if filtered:
             self.stats.inc_value("dupefilter/filtered", filtered)
             if not self._logged_duplicate:
-                self._log_duplicate(next(Entry(*e) for e in entries if not e[1] and e[0] in seen))
+                self._log_duplicate(Entry(*entries[first_filtered]))
         if queued:
             self.stats.inc_value("scheduler/enqueued/memory", queued)
             self.stats.inc_value("scheduler/enqueued", queued)
@@ -281,8 +284,11 @@ class ByteFrontier:
 
     def requeue(self, entry: Entry) -> None:
         """Put back an entry that was lent and not handled: past the
-        dupefilter, which has seen it."""
+        dupefilter, which has seen it. Counted as enqueued again (it is
+        dequeued again), as Scrapy's frontier counts it."""
         self._put(entry)
+        self.stats.inc_value("scheduler/enqueued/memory")
+        self.stats.inc_value("scheduler/enqueued")
 
     def _put(self, entry: Entry) -> None:
         self._queued += 1
