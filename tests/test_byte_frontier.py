@@ -233,3 +233,58 @@ def test_when_the_byte_frontier_stands_for_scrapys(settings_dict: dict[str, Any]
     scheduler = Scheduler.from_crawler(crawler)
     reason = usable(crawler, scheduler)
     assert (reason is None) if why is None else (reason is not None and why in reason)
+
+
+def test_a_site_waiting_for_its_delay_does_not_hold_back_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site that found no engine with room, and whose next try draws a
+    longer delay (DOWNLOAD_DELAY_JITTER, 0.5 by Scrapy's default), waits for
+    its timer, not for an engine: room that comes meanwhile goes to the other
+    sites' requests, not to nobody until that timer fires."""
+    draws = iter([0.0, 0.0, -0.5, 0.5])  # the jitter of each delay drawn, in turn
+    monkeypatch.setattr("scrapy.core.downloader.random.uniform",
+                        lambda low, high: next(draws, 0.0))
+    frontier, lent, timers = _frontier(room=1, DOWNLOAD_SLOTS={"slow": {"delay": 100}})
+    for n in range(2):
+        frontier.push(_entry(n, site="slow"))
+    frontier.pump()
+    assert len(lent) == 1  # the second waits for the delay
+    # A cache hit: no delay owed; the next of the site finds every engine full.
+    frontier.released(lent[0], downloaded=False)
+    assert len(lent) == 1
+    frontier.push(_entry(2, site="fast"))
+    lent.clear()  # an engine has room again; the slow site now draws 150 s
+    frontier.pump()
+    assert [e.blob for e in lent] == [b"2"]
+    assert timers.pending and not timers.pending[-1][3]  # the slow site waits for its turn
+
+
+def test_a_requeued_entry_is_counted_as_enqueued_again() -> None:
+    """An entry whose engine died after its download goes back to the queue
+    and out again: scheduler/enqueued counts it again, as Scrapy's frontier
+    does (its requeue enqueues), so the crawl never shows more dequeued than
+    enqueued."""
+    frontier, lent, _ = _frontier()
+    frontier.push(_entry(1))
+    frontier.pump()
+    frontier.released(lent[0], downloaded=True)
+    frontier.requeue(lent.pop())
+    frontier.pump()
+    assert len(lent) == 1
+    stats = frontier.stats.get_stats()
+    assert stats["scheduler/enqueued"] == stats["scheduler/dequeued"] == 2
+    assert stats["scheduler/enqueued/memory"] == stats["scheduler/dequeued/memory"] == 2
+
+
+def test_the_duplicate_logged_is_one_that_was_filtered(caplog: pytest.LogCaptureFixture) -> None:
+    """RFPDupeFilter's first-duplicate line names a request that was
+    filtered, not the first of the report (which may have been queued)."""
+    import pickle
+
+    frontier, _, _ = _frontier()
+    frontier.push(_entry(1))
+    with caplog.at_level("DEBUG", logger="scrapy.dupefilters"):
+        frontier.push_many([(b"new!", False, "a", 0, pickle.dumps({"url": "new"})),
+                            (b"\0\0\0\1", False, "a", 0, pickle.dumps({"url": "old"}))])
+    [record] = [r for r in caplog.records if "Filtered duplicate" in r.getMessage()]
+    assert "<GET old>" in record.getMessage(), record.getMessage()

@@ -263,6 +263,65 @@ def test_a_spider_idle_feeder_goes_on_then_ends(site: Site, tmp_path: Path) -> N
     assert len(urls) == 1 + 3 * 5 and max(urls.values()) == 1, urls
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_lazy_start_waits_for_room(site: Site, tmp_path: Path, processes: int) -> None:
+    """Scrapy's recipe for a long start() (pause while the engine backs out,
+    until scheduler_empty) keeps the scheduler nearly empty in one process:
+    with engine processes too, on either frontier, not every start request
+    read at once into the coordinator's memory."""
+    from tests.test_crawl_processes import FRONTIERS
+
+    for frontier, extra in FRONTIERS.items():
+        (tmp_path / frontier).mkdir()
+        result = run_crawl(tmp_path / frontier, spider="h_lazy_start", timeout=90,
+                           settings={**TWO, **extra, "SPEEDUP_CRAWL_PROCESSES": processes,
+                                     "CONCURRENT_REQUESTS": 4},
+                           args={"site": site.url, "count": 200})
+        ok(result)
+        assert result.stats["finish_reason"] == "finished"
+        assert len(result.items) == 200
+        # One process: at most a request or two waiting at any time.
+        assert result.stats["lazy/scheduled_max"] <= 4 * 2, (frontier, result.stats)
+        if processes == 1:
+            break  # no frontier of engine processes to choose
+
+
+def test_a_link_is_crawled_while_its_pages_item_is_in_the_pipelines(site: Site,
+                                                                   tmp_path: Path) -> None:
+    """Page n links to page n + 1, and the engine's pipeline holds page n's
+    item until page n + 1 is parsed: as in one process, the link is lent at
+    once, on either frontier, not when page n is done with (which waits for
+    that pipeline)."""
+    _hold_items_until_the_next_page(site, tmp_path, chain=True)
+
+
+def test_a_download_that_ends_frees_its_place_before_its_page_is_done(site: Site,
+                                                                    tmp_path: Path) -> None:
+    """CONCURRENT_REQUESTS = 1 and every page queued; the engine's pipeline
+    holds page n's item until page n + 1 is parsed: as in one process, the
+    place page n's download held is free when the download ends, on either
+    frontier, not only when page n is done with (which waits for that
+    pipeline)."""
+    _hold_items_until_the_next_page(site, tmp_path, chain=False)
+
+
+def _hold_items_until_the_next_page(site: Site, tmp_path: Path, *, chain: bool) -> None:
+    from tests.test_crawl_processes import FRONTIERS
+
+    for processes, (frontier, extra) in [(1, ("one", {})), *((2, f) for f in FRONTIERS.items())]:
+        (tmp_path / frontier / "marks").mkdir(parents=True)
+        result = run_crawl(tmp_path / frontier, spider="h_chain", timeout=60,
+                           settings={**TWO, **extra, "SPEEDUP_CRAWL_PROCESSES": processes,
+                                     "CONCURRENT_REQUESTS": 1 if not chain else 16},
+                           args={"site": site.url, "count": 4, "wait_s": 3,
+                                 "chain": int(chain), "mark_dir": tmp_path / frontier / "marks"})
+        ok(result)
+        assert result.stats["finish_reason"] == "finished"
+        assert sorted(i["n"] for i in result.items) == [0, 1, 2, 3]
+        late = [i["n"] for i in result.items if i.get("waited_out")]
+        assert not late, f"{frontier}: page n+1 not crawled while item n was held, n in {late}"
+
+
 def test_start_urls_and_an_item_that_does_not_pickle(site: Site, tmp_path: Path) -> None:
     """start_urls only (Scrapy's own start()); one item holds a lock. The
     others all arrive; the bad one is an error, counted, as in one process

@@ -234,6 +234,13 @@ class ByteFrontier:
     def pending(self) -> bool:
         return bool(self._queued or self.active)
 
+    @property
+    def full(self) -> bool:
+        """Whether CONCURRENT_REQUESTS are in the sites' slots: Scrapy's
+        ``Downloader.needs_backout``, which the engine's ``needs_backout``
+        (and a start() that waits on it) reads."""
+        return 0 < self._total <= self.active
+
     # -- in ---------------------------------------------------------------------------
 
     def push(self, entry: Entry) -> bool:
@@ -250,13 +257,17 @@ class ByteFrontier:
         self.stats.inc_value("scheduler/enqueued")
         return True
 
-    def push_many(self, entries: list[tuple[bytes, bool, str, int, bytes]]) -> None:
-        """:meth:`push` for a report's requests, counted once."""
+    def push_many(self, entries: list[tuple[bytes, bool, str, int, bytes]]) -> int:
+        """:meth:`push` for a report's requests, counted once; how many were
+        queued."""
         seen = self._seen
         filtered = queued = 0
-        for fingerprint, dont_filter, slot, priority, blob in entries:
+        first_filtered = 0
+        for index, (fingerprint, dont_filter, slot, priority, blob) in enumerate(entries):
             if not dont_filter:
                 if fingerprint in seen:
+                    if not filtered:
+                        first_filtered = index
                     filtered += 1
                     continue
                 seen.add(fingerprint)
@@ -265,15 +276,19 @@ class ByteFrontier:
         if filtered:
             self.stats.inc_value("dupefilter/filtered", filtered)
             if not self._logged_duplicate:
-                self._log_duplicate(next(Entry(*e) for e in entries if not e[1] and e[0] in seen))
+                self._log_duplicate(Entry(*entries[first_filtered]))
         if queued:
             self.stats.inc_value("scheduler/enqueued/memory", queued)
             self.stats.inc_value("scheduler/enqueued", queued)
+        return queued
 
     def requeue(self, entry: Entry) -> None:
         """Put back an entry that was lent and not handled: past the
-        dupefilter, which has seen it."""
+        dupefilter, which has seen it. Counted as enqueued again (it is
+        dequeued again), as Scrapy's frontier counts it."""
         self._put(entry)
+        self.stats.inc_value("scheduler/enqueued/memory")
+        self.stats.inc_value("scheduler/enqueued")
 
     def _put(self, entry: Entry) -> None:
         self._queued += 1
@@ -379,6 +394,10 @@ class ByteFrontier:
             penalty = delay - now + site.lastseen
             if penalty > 0:
                 site.timer = self._bridge.call_later(penalty, self._timer_fired, site)
+                # It waits for its delay now, not for an engine (a longer
+                # delay drawn with jitter, after a try that found none with
+                # room): the other sites go on meanwhile.
+                self._blocked.pop(site.key, None)
                 return
         while site.queue and site.out < site.limits.concurrency:
             entry = site.queue[0]

@@ -481,8 +481,12 @@ class Coordinator:
     def _on_report(self, engine: _Engine, report: Report) -> None:
         if report.cookies:
             self._share_cookies(engine, report.cookies)
+        # The byte frontier lends again when requests come or a download
+        # ends, as Scrapy's frontier does on each enqueue and each download
+        # that ends: the page may be long in its callback and pipelines.
+        pump = False
         if self.frontier is not None:
-            self.frontier.push_many(report.requests)
+            pump = self.frontier.push_many(report.requests) > 0
         else:
             self._rebuild_requests(engine, report.requests)
         for lease_id, blob in report.items:
@@ -498,6 +502,7 @@ class Coordinator:
                 held.waiter = None
             elif held is not None and held.entry is not None:
                 self._entry_released(held, downloaded=True)
+                pump = True
         for lease_id in report.local:
             engine.leases[lease_id] = _Lease(lease_id, None, engine)
             self.stats.inc_value(_STAT + "kept_in_engine_count")
@@ -519,6 +524,7 @@ class Coordinator:
             self._engine_stats_changed()
         if report.acked:
             self._wake_room()
+        if report.acked or pump:
             self._wake()
 
     def _rebuild_requests(self, engine: _Engine, requests: list[NewRequest]) -> None:

@@ -48,6 +48,16 @@ class CoordinatorDownloader(SpeedupDownloader):
             raise RuntimeError("CoordinatorDownloader runs only with the frontier scheduler")
         return scheduler.coordinator
 
+    def needs_backout(self) -> bool:
+        from scrapy_speedup.crawl.frontier import FrontierScheduler
+
+        scheduler = getattr(self.crawler.engine, "scheduler", None)
+        frontier = scheduler.frontier if isinstance(scheduler, FrontierScheduler) else None
+        if frontier is not None:
+            # The byte frontier holds the crawl's slots, not this downloader.
+            return self.held or frontier.full
+        return super().needs_backout()
+
     async def _download(self, slot: Slot, request: Request) -> Response:  # type: ignore[override]
         slot.transferring.add(request)
         try:

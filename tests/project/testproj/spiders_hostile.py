@@ -284,6 +284,75 @@ class PagesSpider(_Base):
         yield {"n": n, "url": response.url, "pid": os.getpid()}
 
 
+class LazyStartSpider(PagesSpider):
+    """Scrapy's recipe for a start() read as the crawl has room
+    (:ref:`start-requests-lazy`): before each start request, wait while the
+    engine backs out. The most requests the scheduler held meanwhile is in
+    the stats (``lazy/scheduled_max``)."""
+
+    name = "h_lazy_start"
+
+    async def start(self):
+        async for request in super().start():
+            if self.crawler.engine.needs_backout():
+                await self.crawler.signals.wait_for(signals.scheduler_empty)
+            scheduler = self.crawler.engine._slot.scheduler
+            self.crawler.stats.max_value("lazy/scheduled_max", len(scheduler))
+            yield request
+
+
+class ChainSpider(_Base):
+    """Page n links to page n + 1 only. The engine's pipeline holds page n's
+    item until page n + 1 has been parsed (a file in ``mark_dir`` says so),
+    for at most ``wait_s``: as in one process, the link must be crawled while
+    the item is in the pipelines, not only once its page is done with.
+    ``chain=0``: every page is a start request instead (by priority, page 0
+    first), and page n + 1 must be downloaded once page n's download ends."""
+
+    name = "h_chain"
+    custom_settings = {"ITEM_PIPELINES": {"testproj.spiders_hostile.WaitForNextPipeline": 100}}
+
+    def __init__(self, site, mark_dir, wait_s="3", chain="1", **kwargs):
+        super().__init__(site, **kwargs)
+        self.mark_dir = mark_dir
+        self.wait_s = float(wait_s)
+        self.chain = chain == "1"
+
+    async def start(self):
+        for n in range(1 if self.chain else self.count):
+            yield scrapy.Request(f"{self.site}/page/{n}", cb_kwargs={"n": n}, priority=-n)
+
+    def parse(self, response, n):
+        with open(os.path.join(self.mark_dir, str(n)), "w"):
+            pass
+        if self.chain and n + 1 < self.count:
+            yield scrapy.Request(f"{self.site}/page/{n + 1}", cb_kwargs={"n": n + 1})
+        yield {"n": n, "pid": os.getpid()}
+
+
+class WaitForNextPipeline:
+    def __init__(self, crawler):
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        return cls(crawler)
+
+    async def process_item(self, item):
+        import asyncio
+        import time
+
+        spider = self.crawler.spider
+        nxt = item["n"] + 1
+        until = time.monotonic() + spider.wait_s
+        while nxt < spider.count and not os.path.exists(os.path.join(spider.mark_dir, str(nxt))):
+            if time.monotonic() > until:
+                item["waited_out"] = True
+                break
+            await asyncio.sleep(0.02)
+        return item
+
+
 class RaiseSpider(_Base):
     """Every callback raises."""
 
