@@ -222,13 +222,22 @@ class PostgresWriter(DatabaseWriter):
     def committed(self, conn: Any, doubt: Doubt) -> bool | None:
         """Ask the server; if the lost connection's server process still has
         the transaction open, end that process, and ask again."""
+        import psycopg
+
         status_of = (
             "pg_xact_status(%s::xid8)" if conn.info.server_version >= 130000
             else "txid_status(%s::bigint)"
         )
         deadline = time.monotonic() + self.timeout_s
         while True:
-            (status,) = conn.execute(f"SELECT {status_of}", [doubt.xid]).fetchone()
+            try:
+                (status,) = conn.execute(f"SELECT {status_of}", [doubt.xid]).fetchone()
+            except psycopg.errors.InvalidParameterValue as exc:
+                if "in the future" not in str(exc):
+                    raise
+                # The server crashed before the transaction's id reached its
+                # log, and recovered behind it: the commit never happened.
+                return False
             if status in ("committed", "aborted"):
                 return bool(status == "committed")
             if status is None:  # too old for the server to remember
