@@ -114,15 +114,10 @@ class _Lease:
     waiter: Any = None
     #: Items of the response, pickled, committed on the acknowledgement.
     items: list[bytes] = field(default_factory=list)
-    #: The byte frontier's entry lent, while its download has not ended (it
-    #: holds a place of its site's slot); see ``entry_done``.
+    #: The byte frontier's entry lent; until *released* (its download ended)
+    #: it holds a place of its site's slot.
     entry: Entry | None = None
-    entry_done: Entry | None = None
-
-    @property
-    def kept(self) -> bool:
-        """A request the engine keeps: nothing here to crawl again."""
-        return self.request is None and self.entry is None and self.entry_done is None
+    released: bool = False
 
 
 @dataclass(eq=False)
@@ -390,12 +385,12 @@ class Coordinator:
         leases; False when none has room now."""
         if self.closing:
             return False
-        if self._deaths and entry.fingerprint in self._deaths and not self.closing:
-            if self._suspect_out is not None:
-                # Handled alone (see _POISON_DEATHS): it waits, holding its
-                # site's place, for the suspect out to be done with.
-                self._suspect_entries.append(entry)
-                return True
+        suspect = bool(self._deaths) and entry.fingerprint in self._deaths
+        if suspect and self._suspect_out is not None:
+            # Handled alone (see _POISON_DEATHS): it waits, holding its
+            # site's place, for the suspect out to be done with.
+            self._suspect_entries.append(entry)
+            return True
         engine = self._free_engine()
         if engine is None:
             return False
@@ -404,16 +399,18 @@ class Coordinator:
         lease = _Lease(self._next_id, None, engine, entry=entry)
         engine.leases[lease.id] = lease
         engine.outbox.append((lease.id, entry.blob))
-        if self._deaths and entry.fingerprint in self._deaths:
+        if suspect:
             self._suspect_out = lease
         self._flush_soon()
         return True
 
-    def _entry_released(self, lease: _Lease, *, downloaded: bool) -> None:
-        entry = lease.entry
-        if entry is not None and self.frontier is not None:
-            lease.entry, lease.entry_done = None, entry
-            self.frontier.released(entry, downloaded=downloaded)
+    def _entry_released(self, lease: _Lease, *, downloaded: bool) -> bool:
+        """Free the place of *lease*'s site; whether it held one."""
+        if lease.entry is None or lease.released or self.frontier is None:
+            return False
+        lease.released = True
+        self.frontier.released(lease.entry, downloaded=downloaded)
+        return True
 
     def _flush_soon(self) -> None:
         if self._flush_timer is None:
@@ -438,7 +435,7 @@ class Coordinator:
                 if lease is not None and lease.waiter is not None:
                     self.bridge.resolve(lease.waiter, RETURNED)
                 elif lease is not None and lease.entry is not None:
-                    self._entry_returned(lease.entry)
+                    self._entry_returned(lease.entry)  # lent this turn: not released
 
     def _wake_room(self) -> None:
         waiters, self._room_waiters = self._room_waiters, []
@@ -500,8 +497,7 @@ class Coordinator:
             if held is not None and held.waiter is not None:
                 self.bridge.resolve(held.waiter, LeaseOutcome(status, latency, error))
                 held.waiter = None
-            elif held is not None and held.entry is not None:
-                self._entry_released(held, downloaded=True)
+            elif held is not None and self._entry_released(held, downloaded=True):
                 pump = True
         for lease_id in report.local:
             engine.leases[lease_id] = _Lease(lease_id, None, engine)
@@ -514,7 +510,7 @@ class Coordinator:
                 self._next_suspect()
             if held.waiter is not None:
                 self.bridge.resolve(held.waiter, HANDLED)
-            elif held.entry is not None:
+            else:
                 self._entry_released(held, downloaded=False)
             done = partial(self._handled, held.request) \
                 if self._handled is not None and held.request is not None else None
@@ -645,10 +641,10 @@ class Coordinator:
                 continue
             if held.waiter is not None:
                 self.bridge.resolve(held.waiter, RETURNED)
-            elif held.entry is not None:
+            elif held.entry is not None and not held.released:
                 self._entry_returned(held.entry)
-            elif held.entry_done is not None:
-                self._requeue_entry(held.entry_done)
+            elif held.entry is not None:
+                self._requeue_entry(held.entry)
             elif held.request is not None:
                 self._requeue(held.request)
         if not self.closing:
@@ -733,16 +729,14 @@ class Coordinator:
                 self._next_suspect()
             if held.waiter is not None:
                 self.bridge.resolve(held.waiter, RETURNED)  # not downloaded yet
-            elif held.entry is not None:
+            elif held.entry is not None and not held.released:
                 self._entry_returned(held.entry)  # not downloaded yet
-            elif held.kept:
-                lost += 1
-            elif held.entry_done is not None:
-                if crashed and self._poison_entry(held.entry_done, alone):
+            elif held.entry is not None:
+                if crashed and self._poison_entry(held.entry, alone):
                     poisoned += 1
                 else:
-                    self._requeue_entry(held.entry_done)
-            elif held.request is None:  # pragma: no cover - kept is above
+                    self._requeue_entry(held.entry)
+            elif held.request is None:  # kept in the engine: nothing to crawl again
                 lost += 1
             elif crashed and self._poison(held.request, alone):
                 poisoned += 1
