@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from scrapy import signals
 from scrapy.http import Response
 
-from scrapy_speedup.demo.jsshop import ShopResource, expected_items
+from scrapy_speedup.demo.jsshop import ShopResource, expected_items, kind_of
 from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
 from tests.conftest import timing
 from tests.inprocess import CrawlRun, crawl, inprocess, listening, reactor
@@ -58,7 +59,8 @@ async def test_router_learns_which_kinds_need_the_browser(
     assert s("speedup/browser/http_count") + s("speedup/browser/browser_count") == 105
     assert s("speedup/browser/sample_count") >= 3 * 2  # listing and item kinds, 3 each
     # The 10 scripted products went to the browser (or were sampled), no
-    # static page did: while a kind's samples were out, its other pages waited.
+    # static page did: while a kind's samples were out, its other pages were
+    # fetched plain and held for the decision.
     assert s("speedup/browser/browser_count") <= 10
     assert shop.served["item"] == 90 + 3  # each of the 3 samples fetched twice
     assert s("playwright/page_count") == s("speedup/browser/browser_count") + s(
@@ -173,14 +175,21 @@ class _SlowSecondFetch(ShopResource):
         super().__init__(*args, **kwargs)
         self.slow_s = slow_s
         self.fetches: Counter[bytes] = Counter()
+        self.first_fetch: dict[bytes, float] = {}
+        self.slow_answered: list[float] = []
 
     def render_GET(self, request: Any) -> int:  # noqa: N802 - Twisted's name
         self.fetches[request.path] += 1
+        self.first_fetch.setdefault(request.path, time.monotonic())
         if request.path.startswith(b"/shop/item/") and self.fetches[request.path] % 2 == 0:
             body = self._body(request.path)
-            reactor.callLater(self.slow_s, self._respond, request, body)
+            reactor.callLater(self.slow_s, self._respond_slow, request, body)
             return 1  # NOT_DONE_YET
         return super().render_GET(request)
+
+    def _respond_slow(self, request: Any, body: Any) -> None:
+        self.slow_answered.append(time.monotonic())
+        self._respond(request, body)
 
 
 @inprocess
@@ -203,6 +212,35 @@ async def test_a_failed_browser_fetch_keeps_the_plain_result(
     assert s("speedup/browser/sample_error_count") >= 1
     assert s("speedup/browser/timeout_count") == s("speedup/browser/sample_error_count")
     assert any("failed (DownloadTimeoutError" in r.getMessage() for r in caplog.records)
+
+
+@inprocess
+async def test_pages_of_a_kind_being_sampled_are_fetched_and_held_for_the_decision() -> None:
+    # The item samples' browser fetches take 2 s: meanwhile the other item
+    # pages are downloaded, not kept waiting for the decision. The app pages'
+    # callback raises on their plain pages (no price): the held ones get the
+    # browser's result, no error.
+    shop = _SlowSecondFetch(products=40, latency_s=0, slow_s=2)
+    with listening(shop) as url:
+        run = await crawl(FloatPriceSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0},
+                          url=url, lists=2)
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(40)
+    assert run.spider_errors == []
+    s = run.stat
+    items = sum(1 for i in range(40) if kind_of(i) == "item")
+    # The first list page's item pages at least, but its 3 samples.
+    assert s("speedup/browser/held_count") >= items // 2 - 3
+    # Every page once, whatever its route; the held item pages were not rendered.
+    assert s("speedup/browser/http_count") + s("speedup/browser/browser_count") == 42
+    assert sum(n for p, n in shop.fetches.items() if p.startswith(b"/shop/item/")) == items + 3
+    assert s("playwright/page_count") == s("speedup/browser/browser_count") + s(
+        "speedup/browser/sample_count")
+    # Held item pages were fetched while the samples' renderings were slow.
+    first_sample_done = min(shop.slow_answered)
+    fetched_early = [p for p, t in shop.first_fetch.items()
+                     if p.startswith(b"/shop/item/") and t < first_sample_done]
+    assert len(fetched_early) >= items // 2 - 3, (len(fetched_early), items)
 
 
 class FloatPriceSpider(ShopSpider):

@@ -131,6 +131,11 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         self._launched = 0
         self._restarted: set[int] = set()  # ids of the dead browsers replaced
         self._ticker: asyncio.Task[None] | None = None
+        # The router samples a crawl's first pages in the browser: launched
+        # with the engine, Chromium's start (a second or more) is not on the
+        # path of the first samples, which hold the crawl's first links.
+        self._launch_early = config.browser_router_enabled
+        self._early_launch: asyncio.Task[None] | None = None
         # The contexts of the running browser, also those scrapy-playwright
         # has already forgotten (it drops a context when its "close" event
         # comes, which a dying browser sends before "disconnected").
@@ -209,6 +214,29 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         # a click) gets the timeout, not only the navigation.
         wrapper.context.set_default_timeout(self.timeout_s * 1000)
         return wrapper
+
+    async def _launch(self) -> None:
+        await super()._launch()
+        if self._launch_early:
+            self._early_launch = asyncio.get_running_loop().create_task(
+                self._launch_browser_early()
+            )
+
+    async def _launch_browser_early(self) -> None:
+        try:
+            async with asyncio.timeout(_LAUNCH_S):
+                await self._maybe_launch_browser()
+        except Exception as exc:  # noqa: BLE001 - the first page's launch reports it
+            logger.debug("scrapy-speedup: launching the browser early failed (%s: %s); the"
+                         " first page rendered launches it", type(exc).__name__, exc,
+                         extra={"crawler": self._speedup_crawler})
+
+    async def _close(self) -> None:
+        if self._early_launch is not None:
+            # A browser being launched is closed below only once it is there.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._early_launch
+        await super()._close()
 
     async def _maybe_launch_browser(self) -> None:
         had = hasattr(self, "browser")

@@ -30,8 +30,9 @@ __all__ = ["Kind", "KindKey", "Route", "url_pattern"]
 
 #: How the router fetches a page: plain HTTP, the browser, or both (a sample;
 #: with a user check, a "probe" is a plain fetch of a browser kind, checked);
-#: or not yet: "wait" for a sample of its kind to end.
-Route = Literal["http", "browser", "sample", "probe", "wait"]
+#: or "held": plain HTTP while its kind's samples are out, the callback's
+#: output held until they decide.
+Route = Literal["http", "browser", "sample", "probe", "held"]
 KindKey = tuple[str, str, str]
 
 _DIGITS = re.compile(r"\d+")
@@ -79,27 +80,36 @@ class Kind:
     def route(self, checked: bool) -> Route:
         """How to fetch the next page of this kind. *checked*: a user check
         decides, on the plain page, instead of a comparison."""
-        now = time.monotonic()
-        while self._in_flight and now - self._in_flight[0] > self.sample_expiry_s:
-            self._in_flight.popleft()
         if self.decision == "?":
             if checked:
                 return "http"  # the check on the plain page is the sample
-            if self.agreeing + len(self._in_flight) < self.samples_needed:
-                self._in_flight.append(now)
+            if self.take_sample():
                 return "sample"
-            # Until the samples are in, the kind's other pages wait: sent to
-            # the browser they would be right, but cost a rendering each, most
-            # of them for kinds that turn out plain (docs/benchmarks.rst).
-            return "wait"
+            # Until the samples are in, the kind's other pages are fetched
+            # plain and their output held for the decision: sent to the
+            # browser they would cost a rendering each, most of them for kinds
+            # that turn out plain; waiting for the decision before the
+            # download kept them off the network (docs/design.rst).
+            return "held"
         self.since_check += 1
         if self.recheck_share > 0 and self.since_check >= math.ceil(1 / self.recheck_share):
             self.since_check = 0
             if checked:
                 return "probe" if self.decision == "browser" else "http"
-            self._in_flight.append(now)
+            self._in_flight.append(time.monotonic())
             return "sample"
         return self.decision
+
+    def take_sample(self) -> bool:
+        """True, and one more sample counted in flight, when this undecided
+        kind has room for another sample."""
+        now = time.monotonic()
+        while self._in_flight and now - self._in_flight[0] > self.sample_expiry_s:
+            self._in_flight.popleft()
+        if self.decision != "?" or self.agreeing + len(self._in_flight) >= self.samples_needed:
+            return False
+        self._in_flight.append(now)
+        return True
 
     def sample_ended(self) -> None:
         if self._in_flight:

@@ -168,13 +168,6 @@ class BrowserRouterDownloaderMiddleware:
         key = kind_key(request)
         kind = router.kind(key)
         new: Route = kind.route(checked=router.check is not None)
-        while new == "wait":
-            try:
-                await asyncio.wait_for(kind.decided(), kind.sample_expiry_s)
-            except TimeoutError:
-                new = "browser"  # no sample came back: the browser is always right
-                break
-            new = kind.route(checked=router.check is not None)
         meta[ROUTE_KEY] = new
         meta[_KIND_KEY] = list(key)
         meta["playwright"] = new == "browser"
@@ -187,6 +180,8 @@ class BrowserRouterDownloaderMiddleware:
         if new in ("sample", "probe"):
             kind.samples += 1
             router.stats.inc_value(_STAT + "sample_count")
+        elif new == "held":
+            router.stats.inc_value(_STAT + "held_count")
 
     async def process_response(self, request: Request, response: Response) -> Response:
         route = request.meta.get(ROUTE_KEY)
@@ -235,15 +230,17 @@ class BrowserRouterSpiderMiddleware:
         return cls(crawler)
 
     @staticmethod
-    def _is_sample(response: Response) -> bool:
+    def _held_back(response: Response) -> bool:
+        """A sample's or a held page's plain response, not handled yet: the
+        callback's output waits here for the browser or the decision."""
         request = response.request
-        return (request is not None and request.meta.get(ROUTE_KEY) == "sample"
+        return (request is not None and request.meta.get(ROUTE_KEY) in ("sample", "held")
                 and not request.meta.get(_SAMPLED) and _is_ok(response))
 
     async def process_spider_output(
         self, response: Response, result: AsyncIterator[Any]
     ) -> AsyncIterator[Any]:
-        if not self._is_sample(response):
+        if not self._held_back(response):
             async for output in result:
                 yield output
             return
@@ -252,22 +249,79 @@ class BrowserRouterSpiderMiddleware:
             plain.append(output)
         if response.meta.get(_SAMPLED):
             # The callback raised: Scrapy handed the exception to
-            # process_spider_exception, which sampled the page, and ended the
-            # callback's output here. What the callback yielded before it
+            # process_spider_exception, which took the page over, and ended
+            # the callback's output here. What the callback yielded before it
             # raised is the plain result, not committed.
             return
-        async for output in self._sample(response, plain, None):
+        async for output in self._decide(response, plain, None):
             yield output
 
     def process_spider_exception(
         self, response: Response, exception: Exception
     ) -> AsyncIterator[Any] | None:
-        # The callback raised, on a sampled plain page: the browser's
-        # rendering decides (its result is committed if it has one).
-        if not self._is_sample(response):
+        # The callback raised, on a sampled or held plain page: the browser's
+        # rendering or the kind's decision settles it.
+        if not self._held_back(response):
             return None
         response.meta[_SAMPLED] = True  # now: process_spider_output reads it next
-        return self._sample(response, [], exception)
+        return self._decide(response, [], exception)
+
+    def _decide(
+        self, response: Response, plain: list[Any], plain_error: Exception | None
+    ) -> AsyncIterator[Any]:
+        request = response.request
+        assert request is not None
+        if request.meta[ROUTE_KEY] == "sample":
+            return self._sample(response, plain, plain_error)
+        return self._held(response, plain, plain_error)
+
+    async def _held(
+        self, response: Response, plain: list[Any], plain_error: Exception | None
+    ) -> AsyncIterator[Any]:
+        """A page fetched plain while its kind's samples were out: its output
+        follows the decision. The page becomes a sample itself when a sample
+        ends without one (its browser fetch failed) and leaves room."""
+        request = response.request
+        assert request is not None
+        request.meta[_SAMPLED] = True
+        kind = self.router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + kind.sample_expiry_s
+        while kind.decision == "?":
+            if kind.take_sample():
+                kind.samples += 1
+                self.router.stats.inc_value(_STAT + "sample_count")
+                async for output in self._sample(response, plain, plain_error):
+                    yield output
+                return
+            try:
+                await asyncio.wait_for(kind.decided(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break  # no sample came back: the browser is always right
+        if kind.decision == "http":
+            if plain_error is not None:
+                raise plain_error
+            for output in plain:
+                yield output
+            return
+        # Counted as a plain page when it was fetched; it is the browser's now.
+        kind.http_pages -= 1
+        kind.browser_pages += 1
+        self.router.stats.inc_value(_STAT + "http_count", -1)
+        self.router.stats.inc_value(_STAT + "browser_count")
+        twin_request, twin, error = await self._browser_fetch(request)
+        if twin is None:
+            self._keep_plain(request, "the browser fetch of a held page", error)
+            if plain_error is not None:
+                raise plain_error from None
+            for output in plain:
+                yield output
+            return
+        browser, browser_error = await self._callback_output(twin, twin_request)
+        if browser_error is not None:
+            raise browser_error
+        for output in browser:
+            yield output
 
     async def _sample(
         self, response: Response, plain: list[Any], plain_error: Exception | None
@@ -277,23 +331,10 @@ class BrowserRouterSpiderMiddleware:
         request.meta[_SAMPLED] = True
         router = self.router
         kind = router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
-        twin_request = request.replace(
-            dont_filter=True, meta={**request.meta, "playwright": True, ROUTE_KEY: _TWIN}
-        )
-        engine = self.crawler.engine
-        try:
-            assert engine is not None and engine.spider is not None
-            twin = await engine.download_async(twin_request)
-            if not _is_ok(twin):
-                raise ValueError(f"the browser got HTTP {twin.status}")
-        except Exception as exc:  # noqa: BLE001 - the plain result is kept
+        twin_request, twin, error = await self._browser_fetch(request)
+        if twin is None:
             kind.sample_ended()
-            router.stats.inc_value(_STAT + "sample_error_count")
-            logger.warning(
-                "scrapy-speedup: the browser fetch of a sample of %s failed (%s: %s); the"
-                " plain page's result is kept", request.url, type(exc).__name__, exc,
-                extra={"crawler": self.crawler},
-            )
+            self._keep_plain(request, "the browser fetch of a sample", error)
             if plain_error is not None:
                 raise plain_error from None
             for output in plain:
@@ -331,6 +372,31 @@ class BrowserRouterSpiderMiddleware:
         for output in plain if same else browser:
             yield output
 
+
+    async def _browser_fetch(
+        self, request: Request
+    ) -> tuple[Request, Response | None, Exception | None]:
+        """The browser's rendering of *request*, fetched as it is (not routed
+        again), or why there is none."""
+        twin_request = request.replace(
+            dont_filter=True, meta={**request.meta, "playwright": True, ROUTE_KEY: _TWIN}
+        )
+        engine = self.crawler.engine
+        try:
+            assert engine is not None and engine.spider is not None
+            twin = await engine.download_async(twin_request)
+            if not _is_ok(twin):
+                raise ValueError(f"the browser got HTTP {twin.status}")
+        except Exception as exc:  # noqa: BLE001 - the caller keeps the plain result
+            return twin_request, None, exc
+        return twin_request, twin, None
+
+    def _keep_plain(self, request: Request, what: str, error: Exception | None) -> None:
+        self.router.stats.inc_value(_STAT + "sample_error_count")
+        logger.warning(
+            "scrapy-speedup: %s of %s failed (%s: %s); the plain page's result is kept",
+            what, request.url, type(error).__name__, error, extra={"crawler": self.crawler},
+        )
 
     async def _callback_output(
         self, response: Response, request: Request
