@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 # in engine processes, whatever the project or the command line says: above
 # "cmdline" (40).
 _DECIDES = 100
+_SCRAPY_ITEM_PROCESSOR = "scrapy.pipelines.ItemPipelineManager"
+_TURN_TAKING_ITEM_PROCESSOR = "scrapy_speedup.crawl.item_turns.TurnTakingItemPipelineManager"
 _CLOSESPIDER = (
     "CLOSESPIDER_TIMEOUT", "CLOSESPIDER_ITEMCOUNT", "CLOSESPIDER_PAGECOUNT",
     "CLOSESPIDER_ERRORCOUNT", "CLOSESPIDER_TIMEOUT_NO_ITEM", "CLOSESPIDER_PAGECOUNT_NO_ITEM",
@@ -281,6 +283,9 @@ class Addon:
             }
         for name, value in decide.items():
             settings.set(name, value, priority=_DECIDES)
+        if settings.get("ITEM_PROCESSOR") == _SCRAPY_ITEM_PROCESSOR:
+            # Items take turns with the responses: see crawl/item_turns.py.
+            settings.set("ITEM_PROCESSOR", _TURN_TAKING_ITEM_PROCESSOR, priority="addon")
         for cls in _sqlite_pipelines(settings):  # the coordinator's (see _as_coordinator)
             settings.set_in_component_priority_dict("ITEM_PIPELINES", cls, None)
         # Closest to the download: it sees every download error first.
