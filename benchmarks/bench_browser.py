@@ -158,7 +158,9 @@ def run(label: str, site: str, settings: dict[str, Any], args: dict[str, Any],
         stats = json.loads(stats_file.read_text())
         items = [json.loads(line) for line in items_file.read_text().splitlines()]
     problems = tuple(line for line in err.splitlines() if _PROBLEM.search(line))
-    return Run(label, int(stats.get("response_received_count", 0)), items, stats, wall,
+    # The pages of the site the crawl scheduled: the router's second fetches
+    # of a page (a sample's rendering, a held page's) are not pages more.
+    return Run(label, int(stats.get("scheduler/dequeued", 0)), items, stats, wall,
                samples, problems)
 
 

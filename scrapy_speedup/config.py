@@ -523,7 +523,7 @@ class SpeedupConfig:
     #: The user check: a CSS selector (str) or a function (response) -> bool.
     browser_check: str | Callable[[Any], bool] | None = None
     browser_samples: int = 3
-    browser_recheck_share: float = 0.02
+    browser_recheck_share: float = 0.01
     browser_blocked_resource_types: tuple[str, ...] = ("image", "media", "font")
     browser_context_max_pages: int = 100
     browser_timeout_seconds: float = 30.0
@@ -729,9 +729,9 @@ def _browser(settings: BaseSettings) -> dict[str, Any]:
         "browser_samples": _int(settings, "SPEEDUP_BROWSER_SAMPLES", 3, minimum=1,
                                 maximum=1000),
         # Each re-check of a plain kind renders a page the crawl did not need
-        # rendered: 2% (every 50th page) costs a 10%-JavaScript crawl about
-        # as much as its learning (docs/benchmarks.rst).
-        "browser_recheck_share": _float(settings, "SPEEDUP_BROWSER_RECHECK_SHARE", 0.02,
+        # rendered: where a tenth of the pages need the browser, 1% (every
+        # 100th page) adds 9% to the renderings, 2% added 18% (docs/benchmarks.rst).
+        "browser_recheck_share": _float(settings, "SPEEDUP_BROWSER_RECHECK_SHARE", 0.01,
                                         allow_zero=True, maximum=1.0),
         "browser_blocked_resource_types": _resource_types(settings),
         # Playwright keeps every request and response of a context until the

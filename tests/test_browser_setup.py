@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from scrapy.settings import Settings
 
@@ -23,6 +25,7 @@ def test_handlers_launch_options_and_middlewares() -> None:
     options = settings.getdict("PLAYWRIGHT_LAUNCH_OPTIONS")
     assert options["executable_path"].endswith(("chromium", "chromium-browser"))
     assert "--headless=new" in options["args"]
+    assert f"--renderer-process-limit={os.cpu_count() or 1}" in options["args"]
     blocker = settings["PLAYWRIGHT_ABORT_REQUEST"]
     assert isinstance(blocker, ResourceBlocker)
     assert blocker.resource_types == {"image", "media", "font"}
