@@ -8,11 +8,11 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from scrapy import signals
+from scrapy import Request, signals
 from scrapy.http import Response
 
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items, kind_of
@@ -168,12 +168,14 @@ async def test_router_changes_its_mind_when_the_site_changes(
 
 
 class _SlowSecondFetch(ShopResource):
-    """Every second fetch of an item page (a sample's browser fetch) answers
-    after *slow_s*."""
+    """Every second fetch of an item page, or of the pages under
+    *slow_prefix* (a sample's browser fetch), answers after *slow_s*."""
 
-    def __init__(self, *args: Any, slow_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, slow_s: float, slow_prefix: bytes = b"/shop/item/",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slow_s = slow_s
+        self.slow_prefix = slow_prefix
         self.fetches: Counter[bytes] = Counter()
         self.first_fetch: dict[bytes, float] = {}
         self.slow_answered: list[float] = []
@@ -181,7 +183,7 @@ class _SlowSecondFetch(ShopResource):
     def render_GET(self, request: Any) -> int:  # noqa: N802 - Twisted's name
         self.fetches[request.path] += 1
         self.first_fetch.setdefault(request.path, time.monotonic())
-        if request.path.startswith(b"/shop/item/") and self.fetches[request.path] % 2 == 0:
+        if request.path.startswith(self.slow_prefix) and self.fetches[request.path] % 2 == 0:
             body = self._body(request.path)
             reactor.callLater(self.slow_s, self._respond_slow, request, body)
             return 1  # NOT_DONE_YET
@@ -241,6 +243,33 @@ async def test_pages_of_a_kind_being_sampled_are_fetched_and_held_for_the_decisi
     fetched_early = [p for p, t in shop.first_fetch.items()
                      if p.startswith(b"/shop/item/") and t < first_sample_done]
     assert len(fetched_early) >= items // 2 - 3, (len(fetched_early), items)
+
+
+class ChainSpider(ShopSpider):
+    """The first listing page only; each links the next, as a shop does."""
+
+    async def start(self) -> AsyncIterator[Request]:
+        yield Request(f"{self.url}/shop/list/0.html", callback=self.parse)
+
+    def parse(self, response: Response) -> Iterator[Request]:
+        yield from super().parse(response)
+        yield from response.follow_all(css="a.next", callback=self.parse)
+
+
+@inprocess
+async def test_a_sampled_pages_links_are_followed_before_its_rendering_ends() -> None:
+    # The listing pages' renderings take 2 s: the next listing page, in the
+    # plain page's HTML, is fetched meanwhile. Each request once, items right.
+    shop = _SlowSecondFetch(products=60, latency_s=0, slow_s=2, slow_prefix=b"/shop/list/")
+    with listening(shop) as url:
+        run = await crawl(ChainSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0},
+                          url=url)
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(60)
+    assert run.stat("scheduler/enqueued") == 63
+    assert run.stat("dupefilter/filtered") == 0  # no link passed on twice
+    first_render_done = min(shop.slow_answered)
+    assert shop.first_fetch[b"/shop/list/2.html"] < first_render_done
 
 
 class FloatPriceSpider(ShopSpider):

@@ -17,7 +17,9 @@ Two middlewares share one :class:`BrowserRouter` per crawler:
   the crawl's request count sees it), the callback runs on that response
   too, and the two outputs (items, and the requests yielded) are compared.
   Only one is passed on: the plain one when they are the same, else the
-  browser's. Sampling never duplicates an item or a request.
+  browser's; the requests of the plain page go on at once (their links are
+  in its HTML), and the browser's only add those the plain page lacked.
+  Sampling never duplicates an item or a request.
 
 Left alone: requests whose ``meta`` already has ``"playwright"`` (the
 project decided), and requests without a callback (robots.txt, media
@@ -46,7 +48,7 @@ from scrapy_speedup.browser.kinds import Kind, KindKey, Route, url_pattern
 from scrapy_speedup.config import SpeedupConfig
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable
+    from collections.abc import AsyncIterator, Callable, Iterable, Iterator
     from typing import Self
 
     from scrapy.crawler import Crawler
@@ -65,6 +67,9 @@ _KIND_KEY = "speedup_browser_kind"
 _TWIN = "twin"
 _REFETCH = "refetch"
 _SAMPLED = "_speedup_browser_sampled"
+#: The requests a held-back page's callback yielded on the plain page, passed
+#: on at once: (method, url, callback) of each, as a list (meta stays plain data).
+_COMMITTED = "_speedup_browser_committed"
 
 
 class BrowserRouter:
@@ -245,8 +250,14 @@ class BrowserRouterSpiderMiddleware:
                 yield output
             return
         plain: list[Any] = []
+        committed = response.meta.setdefault(_COMMITTED, [])
         async for output in result:
             plain.append(output)
+            if isinstance(output, Request):
+                # Its link is in the page's HTML: followed now, not after the
+                # rendering (a listing page's next page is the crawl's chain).
+                committed.append(_request_key(output))
+                yield output
         if response.meta.get(_SAMPLED):
             # The callback raised: Scrapy handed the exception to
             # process_spider_exception, which took the page over, and ended
@@ -292,7 +303,7 @@ class BrowserRouterSpiderMiddleware:
                 kind.samples += 1
                 self.router.stats.inc_value(_STAT + "sample_count")
                 async for output in self._sample(response, plain, plain_error):
-                    yield output
+                    yield output  # committed by _sample
                 return
             try:
                 await asyncio.wait_for(kind.decided(), max(0.0, deadline - loop.time()))
@@ -301,7 +312,7 @@ class BrowserRouterSpiderMiddleware:
         if kind.decision == "http":
             if plain_error is not None:
                 raise plain_error
-            for output in plain:
+            for output in _uncommitted(request, plain):
                 yield output
             return
         # Counted as a plain page when it was fetched; it is the browser's now.
@@ -314,13 +325,13 @@ class BrowserRouterSpiderMiddleware:
             self._keep_plain(request, "the browser fetch of a held page", error)
             if plain_error is not None:
                 raise plain_error from None
-            for output in plain:
+            for output in _uncommitted(request, plain):
                 yield output
             return
         browser, browser_error = await self._callback_output(twin, twin_request)
         if browser_error is not None:
             raise browser_error
-        for output in browser:
+        for output in _uncommitted(request, browser):
             yield output
 
     async def _sample(
@@ -337,7 +348,7 @@ class BrowserRouterSpiderMiddleware:
             self._keep_plain(request, "the browser fetch of a sample", error)
             if plain_error is not None:
                 raise plain_error from None
-            for output in plain:
+            for output in _uncommitted(request, plain):
                 yield output
             return
         browser, browser_error = await self._callback_output(twin, twin_request)
@@ -351,7 +362,7 @@ class BrowserRouterSpiderMiddleware:
                 " %s); the plain page's result is kept", request.url,
                 type(browser_error).__name__, browser_error, extra={"crawler": self.crawler},
             )
-            for output in plain:
+            for output in _uncommitted(request, plain):
                 yield output
             return
         if plain_error is not None:
@@ -369,7 +380,7 @@ class BrowserRouterSpiderMiddleware:
             kind.mispredictions += 1
             router.stats.inc_value(_STAT + "mispredict_count")
         router.learn(kind, same, why)
-        for output in plain if same else browser:
+        for output in _uncommitted(request, plain if same else browser):
             yield output
 
 
@@ -378,8 +389,9 @@ class BrowserRouterSpiderMiddleware:
     ) -> tuple[Request, Response | None, Exception | None]:
         """The browser's rendering of *request*, fetched as it is (not routed
         again), or why there is none."""
+        meta = {k: v for k, v in request.meta.items() if k != _COMMITTED}
         twin_request = request.replace(
-            dont_filter=True, meta={**request.meta, "playwright": True, ROUTE_KEY: _TWIN}
+            dont_filter=True, meta={**meta, "playwright": True, ROUTE_KEY: _TWIN}
         )
         engine = self.crawler.engine
         try:
@@ -426,12 +438,24 @@ def _normal(value: Any) -> Any:
     return value
 
 
+def _request_key(request: Request) -> tuple[str, str, str]:
+    callback = getattr(request.callback, "__name__", None) or "parse"
+    return request.method, request.url, callback
+
+
+def _uncommitted(request: Request, outputs: Iterable[Any]) -> Iterator[Any]:
+    """*outputs* but the requests already passed on from the plain page."""
+    committed = {tuple(key) for key in request.meta.get(_COMMITTED, ())}
+    for output in outputs:
+        if not (isinstance(output, Request) and _request_key(output) in committed):
+            yield output
+
+
 def _summary(outputs: Iterable[Any]) -> tuple[list[Any], list[tuple[str, str, str]]]:
     items, requests = [], []
     for output in outputs:
         if isinstance(output, Request):
-            callback = getattr(output.callback, "__name__", None) or "parse"
-            requests.append((output.method, output.url, callback))
+            requests.append(_request_key(output))
         else:
             items.append(_normal(output))
     return sorted(items, key=repr), sorted(requests)
