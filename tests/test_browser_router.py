@@ -307,3 +307,54 @@ async def test_crawl_stopped_mid_sample_ends_cleanly() -> None:
     paths = [item["url"] for item in run.items]
     assert len(paths) == len(set(paths))
     assert not chromium_processes()
+
+
+class YieldThenRaiseSpider(ShopSpider):
+    """A callback with a bug after its item: on every product page, plain or
+    rendered, it raises once the item is out (Scrapy keeps the item)."""
+
+    def parse_product(self, response: Response) -> Iterator[dict[str, Any]]:
+        yield from super().parse_product(response)
+        raise ValueError("a bug after the item")
+
+
+@inprocess
+async def test_a_callback_raising_after_its_item_keeps_the_item_and_its_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The item samples' browser fetches take 2 s: most item pages are held.
+    caplog.set_level(logging.INFO)
+    shop = _SlowSecondFetch(products=40, latency_s=0, slow_s=2)
+    with listening(shop) as url:
+        run = await crawl(YieldThenRaiseSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0},
+                          url=url, lists=2)
+    assert run.finish_reason == "finished"
+    # Every item, as without the router (the scripted ones rendered), and
+    # every page's exception on to Scrapy, once.
+    assert by_path(run) == expected_items(40)
+    assert run.stat("spider_exceptions/ValueError") == 40
+    assert sorted(url for url, _ in run.spider_errors) == sorted(item["url"] for item in run.items)
+    # The same item, then the same exception, both ways: the item pages are
+    # plain HTTP, not each sampled for ever.
+    text = table(caplog)
+    assert "plain HTTP" in decision_line(text, "/shop/item/{n}.html parse_product")
+    assert "browser" in decision_line(text, "/shop/app/{n}.html parse_product")
+    items = sum(1 for i in range(40) if kind_of(i) == "item")
+    assert sum(n for p, n in shop.fetches.items() if p.startswith(b"/shop/item/")) == items + 3
+    s = run.stat
+    assert s("speedup/browser/http_count") + s("speedup/browser/browser_count") == 42
+    assert s("speedup/browser/sample_error_count") == 0
+
+
+@inprocess
+async def test_a_router_crawl_of_one_scheme_launches_one_browser_and_counts_no_restart() -> None:
+    # Scrapy builds a handler for http and one for https: only the one that
+    # downloads launches a browser, early; the first samples' renderings ask
+    # for it while that launch is under way (one launch, not a restart).
+    shop = ShopResource(products=20, latency_s=0)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, ROUTER, url=url)
+    assert run.finish_reason == "finished"
+    assert run.stat("playwright/page_count") >= 1
+    assert run.stat("playwright/browser_count") == 1
+    assert run.stat("speedup/browser/restart_count") == 0

@@ -13,6 +13,7 @@ from scrapy import Spider
 from scrapy.utils.test import get_crawler
 
 from scrapy_speedup.crawl.item_turns import TurnTakingItemPipelineManager
+from scrapy_speedup.extension import SpeedupExtension
 from tests.inprocess import BASE_SETTINGS, inprocess, reactor
 
 TURNS = "scrapy_speedup.crawl.item_turns.TurnTakingItemPipelineManager"
@@ -41,7 +42,8 @@ class Wait:
 
 
 async def _manager(*pipelines: Any) -> TurnTakingItemPipelineManager:
-    crawler = get_crawler(Spider, {"ITEM_PIPELINES": {}})
+    crawler = get_crawler(Spider, {**BASE_SETTINGS, "ITEM_PIPELINES": {}})
+    crawler._apply_settings()  # the add-on's extension, as in a crawl
     manager = TurnTakingItemPipelineManager(*pipelines, crawler=crawler)
     return manager
 
@@ -80,6 +82,14 @@ async def test_a_cancelled_item_gives_up_its_turn() -> None:
     second.cancel()
     await asyncio.gather(first, third)
     assert log == ["item 0", "item 2"]
+
+
+@inprocess
+async def test_items_take_turns_on_the_crawls_one_bridge() -> None:
+    manager = await _manager(Burn([]))
+    await manager.process_item_async({"n": 0})
+    assert manager.crawler is not None
+    assert manager._bridge is SpeedupExtension.of(manager.crawler).bridge
 
 
 def _engine_settings(**settings: Any) -> Any:

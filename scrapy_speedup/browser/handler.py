@@ -132,10 +132,15 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         self._restarted: set[int] = set()  # ids of the dead browsers replaced
         self._ticker: asyncio.Task[None] | None = None
         # The router samples a crawl's first pages in the browser: launched
-        # with the engine, Chromium's start (a second or more) is not on the
-        # path of the first samples, which hold the crawl's first links.
-        self._launch_early = config.browser_router_enabled
+        # at this handler's first download (plain), Chromium's start (a second
+        # or more) is not on the path of the first samples, which hold the
+        # crawl's first links. Not with the engine: Scrapy builds a handler
+        # for http and one for https, and each would launch a browser that a
+        # crawl of one scheme never uses. (Not on scrapy-playwright's threaded
+        # loop, Windows': the download runs outside the loop of the browser.)
+        self._launch_early = config.browser_router_enabled and not self.config.use_threaded_loop
         self._early_launch: asyncio.Task[None] | None = None
+        self._counted_browser: Any = None  # the last browser counted in _launched
         # The contexts of the running browser, also those scrapy-playwright
         # has already forgotten (it drops a context when its "close" event
         # comes, which a dying browser sends before "disconnected").
@@ -146,6 +151,10 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
     # -- the download ---------------------------------------------------------
 
     async def download_request(self, request: Request) -> Response:  # type: ignore[override]
+        if self._launch_early and self._early_launch is None:
+            self._early_launch = asyncio.get_running_loop().create_task(
+                self._launch_browser_early()
+            )
         if not request.meta.get("playwright"):
             return await super().download_request(request)  # type: ignore[no-any-return]
         stats = self._speedup_crawler.stats
@@ -215,13 +224,6 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         wrapper.context.set_default_timeout(self.timeout_s * 1000)
         return wrapper
 
-    async def _launch(self) -> None:
-        await super()._launch()
-        if self._launch_early:
-            self._early_launch = asyncio.get_running_loop().create_task(
-                self._launch_browser_early()
-            )
-
     async def _launch_browser_early(self) -> None:
         try:
             async with asyncio.timeout(_LAUNCH_S):
@@ -239,9 +241,12 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         await super()._close()
 
     async def _maybe_launch_browser(self) -> None:
-        had = hasattr(self, "browser")
         await super()._maybe_launch_browser()
-        if not had and hasattr(self, "browser"):
+        # By identity: a render that asked while the early launch was under
+        # way finds the same new browser as the launch itself.
+        browser = getattr(self, "browser", None)
+        if browser is not None and browser is not self._counted_browser:
+            self._counted_browser = browser
             self._launched += 1
             if self._launched > 1:
                 assert self._speedup_crawler.stats is not None

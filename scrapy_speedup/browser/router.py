@@ -229,6 +229,11 @@ class BrowserRouterSpiderMiddleware:
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
         self.router = BrowserRouter.of(crawler)
+        #: The plain output of each held-back response so far, by id of the
+        #: response: when the callback raises, process_spider_exception takes
+        #: over the page, and what the callback yielded before it raised is
+        #: part of the plain result (Scrapy passes it on without the router).
+        self._plain_so_far: dict[int, list[Any]] = {}
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -251,18 +256,23 @@ class BrowserRouterSpiderMiddleware:
             return
         plain: list[Any] = []
         committed = response.meta.setdefault(_COMMITTED, [])
-        async for output in result:
-            plain.append(output)
-            if isinstance(output, Request):
-                # Its link is in the page's HTML: followed now, not after the
-                # rendering (a listing page's next page is the crawl's chain).
-                committed.append(_request_key(output))
-                yield output
+        self._plain_so_far[id(response)] = plain
+        try:
+            async for output in result:
+                plain.append(output)
+                if isinstance(output, Request):
+                    # Its link is in the page's HTML: followed now, not after
+                    # the rendering (a listing page's next page is the
+                    # crawl's chain).
+                    committed.append(_request_key(output))
+                    yield output
+        finally:
+            del self._plain_so_far[id(response)]
         if response.meta.get(_SAMPLED):
             # The callback raised: Scrapy handed the exception to
-            # process_spider_exception, which took the page over, and ended
-            # the callback's output here. What the callback yielded before it
-            # raised is the plain result, not committed.
+            # process_spider_exception, which took the page over (with what
+            # the callback yielded before it raised), and ended the
+            # callback's output here.
             return
         async for output in self._decide(response, plain, None):
             yield output
@@ -275,7 +285,10 @@ class BrowserRouterSpiderMiddleware:
         if not self._held_back(response):
             return None
         response.meta[_SAMPLED] = True  # now: process_spider_output reads it next
-        return self._decide(response, [], exception)
+        # Called while process_spider_output reads the callback's output (a
+        # generator that raised), or before (a callback that raised at once).
+        plain = self._plain_so_far.get(id(response), [])
+        return self._decide(response, plain, exception)
 
     def _decide(
         self, response: Response, plain: list[Any], plain_error: Exception | None
@@ -310,10 +323,10 @@ class BrowserRouterSpiderMiddleware:
             except TimeoutError:
                 break  # no sample came back: the browser is always right
         if kind.decision == "http":
-            if plain_error is not None:
-                raise plain_error
             for output in _uncommitted(request, plain):
                 yield output
+            if plain_error is not None:
+                raise plain_error
             return
         # Counted as a plain page when it was fetched; it is the browser's now.
         kind.http_pages -= 1
@@ -323,16 +336,16 @@ class BrowserRouterSpiderMiddleware:
         twin_request, twin, error = await self._browser_fetch(request)
         if twin is None:
             self._keep_plain(request, "the browser fetch of a held page", error)
-            if plain_error is not None:
-                raise plain_error from None
             for output in _uncommitted(request, plain):
                 yield output
+            if plain_error is not None:
+                raise plain_error from None
             return
         browser, browser_error = await self._callback_output(twin, twin_request)
-        if browser_error is not None:
-            raise browser_error
         for output in _uncommitted(request, browser):
             yield output
+        if browser_error is not None:
+            raise browser_error
 
     async def _sample(
         self, response: Response, plain: list[Any], plain_error: Exception | None
@@ -346,17 +359,15 @@ class BrowserRouterSpiderMiddleware:
         if twin is None:
             kind.sample_ended()
             self._keep_plain(request, "the browser fetch of a sample", error)
-            if plain_error is not None:
-                raise plain_error from None
             for output in _uncommitted(request, plain):
                 yield output
+            if plain_error is not None:
+                raise plain_error from None
             return
         browser, browser_error = await self._callback_output(twin, twin_request)
         kind.sample_ended()  # held until now: a new sample must not start meanwhile
-        if browser_error is not None:
+        if browser_error is not None and plain_error is None:
             router.stats.inc_value(_STAT + "sample_error_count")
-            if plain_error is not None:
-                raise plain_error from None
             logger.warning(
                 "scrapy-speedup: the callback raised on the browser's rendering of %s (%s:"
                 " %s); the plain page's result is kept", request.url,
@@ -365,23 +376,35 @@ class BrowserRouterSpiderMiddleware:
             for output in _uncommitted(request, plain):
                 yield output
             return
-        if plain_error is not None:
+        if plain_error is not None and browser_error is None:
             why = (f"the callback raised {type(plain_error).__name__} on a plain page, not in"
                    f" the browser: {request.url}")
-            same = False
+        elif plain_error is not None and type(plain_error) is not type(browser_error):
+            why = (f"the callback raised {type(plain_error).__name__} on a plain page,"
+                   f" {type(browser_error).__name__} in the browser: {request.url}")
         else:
+            # Raised both ways, the same exception: what it yielded before is
+            # compared (a bug of the callback's that the browser does not
+            # change must not keep the kind sampled, nor lose the items).
             why = compare_outputs(plain, browser)
-            same = not why
-            if same:
-                why = "same items and links"
-            else:
+            if why:
                 why += f": {request.url}"
+        same = not why
+        if same:
+            why = "same items and links"
+            if plain_error is not None:
+                why += f", then {type(plain_error).__name__} both ways"
         if not same and kind.decision == "http":
             kind.mispredictions += 1
             router.stats.inc_value(_STAT + "mispredict_count")
         router.learn(kind, same, why)
-        for output in _uncommitted(request, plain if same else browser):
+        # The committed result keeps its exception: Scrapy logs and counts it
+        # after the outputs, as without the router.
+        outputs, error = (plain, plain_error) if same else (browser, browser_error)
+        for output in _uncommitted(request, outputs):
             yield output
+        if error is not None:
+            raise error
 
 
     async def _browser_fetch(
@@ -413,15 +436,20 @@ class BrowserRouterSpiderMiddleware:
     async def _callback_output(
         self, response: Response, request: Request
     ) -> tuple[list[Any], Exception | None]:
-        """The callback's output on *response*, called as Scrapy calls it."""
+        """The callback's output on *response*, called as Scrapy calls it:
+        what it yielded, and the exception it raised, if any, after that."""
         assert self.crawler.engine is not None
+        outputs: list[Any] = []
         try:
             output = await self.crawler.engine.scraper.call_spider_async(response, request)
             if hasattr(output, "__aiter__"):
-                return [o async for o in output], None
-            return list(output), None
+                async for one in output:
+                    outputs.append(one)
+            else:
+                outputs.extend(output)
         except Exception as exc:  # noqa: BLE001 - the caller weighs it
-            return [], exc
+            return outputs, exc
+        return outputs, None
 
 
 def _normal(value: Any) -> Any:

@@ -33,12 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from scrapy.pipelines import ItemPipelineManager
 
-from scrapy_speedup._bridge import Bridge
+from scrapy_speedup.extension import SpeedupExtension
 
 if TYPE_CHECKING:
     from asyncio import Future
 
     from twisted.internet.defer import Deferred
+
+    from scrapy_speedup._bridge import Bridge
 
 __all__ = ["TurnTakingItemPipelineManager"]
 
@@ -71,7 +73,12 @@ class TurnTakingItemPipelineManager(ItemPipelineManager):
 
     def _turn(self) -> Future[Any] | Deferred[Any]:
         if self._bridge is None:
-            self._bridge = Bridge()  # on the reactor thread, the loop running
+            if self.crawler is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} needs the crawler: build it with"
+                    " scrapy.utils.misc.build_from_crawler, as Scrapy's scraper does"
+                )
+            self._bridge = SpeedupExtension.of(self.crawler).bridge  # the crawl's one
         waiter = self._bridge.new_waiter()
         self._waiting.append(waiter)
         if not self._turn_due:
