@@ -272,6 +272,22 @@ async def test_a_sampled_pages_links_are_followed_before_its_rendering_ends() ->
     assert shop.first_fetch[b"/shop/list/2.html"] < first_render_done
 
 
+@inprocess
+async def test_pages_held_at_once_stay_within_the_crawls_concurrency() -> None:
+    # Held pages free their download slots: without a cap the crawl ran
+    # ahead of its limits while a kind was learned (CLOSESPIDER_ITEMCOUNT=5
+    # scraped all 80 products). Past CONCURRENT_REQUESTS held, pages wait.
+    shop = _SlowSecondFetch(products=80, latency_s=0, slow_s=2)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {
+            **ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0, "CONCURRENT_REQUESTS": 4,
+            "CLOSESPIDER_ITEMCOUNT": 5,
+        }, url=url, lists=4)
+    assert run.finish_reason == "closespider_itemcount"
+    assert 5 <= len(run.items) <= 5 + 3 * 4, len(run.items)
+    assert len({item["url"] for item in run.items}) == len(run.items)
+
+
 class FloatPriceSpider(ShopSpider):
     """A callback that raises on a page without its price (float(None))."""
 

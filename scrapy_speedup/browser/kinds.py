@@ -31,8 +31,8 @@ __all__ = ["Kind", "KindKey", "Route", "url_pattern"]
 #: How the router fetches a page: plain HTTP, the browser, or both (a sample;
 #: with a user check, a "probe" is a plain fetch of a browser kind, checked);
 #: or "held": plain HTTP while its kind's samples are out, the callback's
-#: output held until they decide.
-Route = Literal["http", "browser", "sample", "probe", "held"]
+#: items held until they decide; or "wait" for that, past the held pages' cap.
+Route = Literal["http", "browser", "sample", "probe", "held", "wait"]
 KindKey = tuple[str, str, str]
 
 _DIGITS = re.compile(r"\d+")
@@ -65,6 +65,11 @@ class Kind:
     #: How long a sample may be in flight before it is no longer counted (a
     #: request dropped without a word must not hold the kind undecided).
     sample_expiry_s: float
+    #: Pages held at most at once (the crawl's CONCURRENT_REQUESTS): held
+    #: pages free their download slots, and past this the kind's pages wait
+    #: before their download, so that the crawl does not download ahead of
+    #: its limits (CLOSESPIDER_ITEMCOUNT, memory) while a kind is learned.
+    held_cap: int = 16
     decision: Literal["?", "http", "browser"] = "?"
     why: str = "not sampled yet"
     #: Same results in a row, from samples or checks.
@@ -73,6 +78,7 @@ class Kind:
     http_pages: int = 0
     browser_pages: int = 0
     samples: int = 0
+    held_out: int = 0
     mispredictions: int = 0
     _in_flight: deque[float] = field(default_factory=deque)
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
@@ -85,6 +91,9 @@ class Kind:
                 return "http"  # the check on the plain page is the sample
             if self.take_sample():
                 return "sample"
+            if self.held_out >= self.held_cap:
+                return "wait"
+            self.held_out += 1
             # Until the samples are in, the kind's other pages are fetched
             # plain and their output held for the decision: sent to the
             # browser they would cost a rendering each, most of them for kinds
@@ -111,13 +120,18 @@ class Kind:
         self._in_flight.append(now)
         return True
 
+    def held_done(self) -> None:
+        """A held page is settled (or never reached the spider)."""
+        self.held_out = max(0, self.held_out - 1)
+        self._wake()  # a place for a waiting page
+
     def sample_ended(self) -> None:
         if self._in_flight:
             self._in_flight.popleft()
         self._wake()  # a decision, or a place for another sample
 
     def decided(self) -> asyncio.Future[None]:
-        """Done when a sample of this kind ends."""
+        """Done when a sample or a held page of this kind ends."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         return future

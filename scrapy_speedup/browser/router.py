@@ -83,6 +83,7 @@ class BrowserRouter:
         self.check_text = config.browser_check if isinstance(config.browser_check, str) \
             else getattr(config.browser_check, "__qualname__", repr(config.browser_check))
         self._expiry_s = 3 * config.browser_timeout_seconds
+        self._held_cap = max(1, crawler.settings.getint("CONCURRENT_REQUESTS"))
         self.kinds: dict[KindKey, Kind] = {}
         assert crawler.stats is not None
         self.stats = crawler.stats
@@ -99,7 +100,7 @@ class BrowserRouter:
         kind = self.kinds.get(key)
         if kind is None:
             kind = self.kinds[key] = Kind(key, self.samples_needed, self.recheck_share,
-                                          self._expiry_s)
+                                          self._expiry_s, self._held_cap)
         return kind
 
     def learn(self, kind: Kind, same: bool, why: str) -> None:
@@ -170,9 +171,18 @@ class BrowserRouterDownloaderMiddleware:
             # A redirect or retry of a sample, whose first fetch ended here
             # without a response to compare.
             router.kind(tuple(meta[_KIND_KEY])).sample_ended()  # type: ignore[arg-type]
+        elif route == "held":  # a redirect or retry of a held page
+            router.kind(tuple(meta[_KIND_KEY])).held_done()  # type: ignore[arg-type]
         key = kind_key(request)
         kind = router.kind(key)
         new: Route = kind.route(checked=router.check is not None)
+        while new == "wait":
+            try:
+                await asyncio.wait_for(kind.decided(), kind.sample_expiry_s)
+            except TimeoutError:
+                new = "browser"  # no decision came: the browser is always right
+                break
+            new = kind.route(checked=router.check is not None)
         meta[ROUTE_KEY] = new
         meta[_KIND_KEY] = list(key)
         meta["playwright"] = new == "browser"
@@ -190,6 +200,10 @@ class BrowserRouterDownloaderMiddleware:
 
     async def process_response(self, request: Request, response: Response) -> Response:
         route = request.meta.get(ROUTE_KEY)
+        if route == "held" and not _is_ok(response):
+            # Not held: the spider middleware passes it on as it is.
+            self.router.kind(tuple(request.meta[_KIND_KEY])).held_done()  # type: ignore[arg-type]
+            request.meta[ROUTE_KEY] = "http"
         if route not in ("http", "probe", "sample"):
             return response
         kind = self.router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
@@ -220,8 +234,13 @@ class BrowserRouterDownloaderMiddleware:
         return await self.crawler.engine.download_async(browser)
 
     def process_exception(self, request: Request, exception: Exception) -> None:
-        if request.meta.get(ROUTE_KEY) == "sample":
-            self.router.kind(tuple(request.meta[_KIND_KEY])).sample_ended()  # type: ignore[arg-type]
+        route = request.meta.get(ROUTE_KEY)
+        if route in ("sample", "held"):
+            kind = self.router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
+            if route == "sample":
+                kind.sample_ended()
+            else:
+                kind.held_done()
             request.meta[ROUTE_KEY] = "http"
 
 
@@ -300,6 +319,18 @@ class BrowserRouterSpiderMiddleware:
         return self._held(response, plain, plain_error)
 
     async def _held(
+        self, response: Response, plain: list[Any], plain_error: Exception | None
+    ) -> AsyncIterator[Any]:
+        request = response.request
+        assert request is not None
+        kind = self.router.kind(tuple(request.meta[_KIND_KEY]))  # type: ignore[arg-type]
+        try:
+            async for output in self._settle_held(response, plain, plain_error):
+                yield output
+        finally:
+            kind.held_done()
+
+    async def _settle_held(
         self, response: Response, plain: list[Any], plain_error: Exception | None
     ) -> AsyncIterator[Any]:
         """A page fetched plain while its kind's samples were out: its output
