@@ -220,3 +220,28 @@ async def test_pages_held_by_callbacks_are_not_recycled_under_them() -> None:
     assert run.spider_errors == []
     assert sorted(item["title"] for item in run.items) == sorted(
         f"Product {i}" for i in range(20))
+
+
+@inprocess
+async def test_page_gate_lets_the_routers_second_fetches_in_first() -> None:
+    # A sample's rendering decides for every page of its kind held
+    # meanwhile: it goes before the pages that waited longer.
+    gate = _PageGate(1)
+    await gate.acquire()
+    order: list[str] = []
+
+    async def page(name: str, first: bool) -> None:
+        await gate.acquire(first=first)
+        order.append(name)
+
+    waiting = [asyncio.ensure_future(page("page a", False)),
+               asyncio.ensure_future(page("page b", False))]
+    await asyncio.sleep(0)
+    waiting.append(asyncio.ensure_future(page("sample", True)))
+    await asyncio.sleep(0)
+    assert gate.waiting == 3
+    for _ in range(3):
+        gate.release()
+        await asyncio.sleep(0)
+    await asyncio.gather(*waiting)
+    assert order == ["sample", "page a", "page b"]

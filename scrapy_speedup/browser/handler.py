@@ -43,6 +43,7 @@ from scrapy import signals
 from scrapy.exceptions import DownloadTimeoutError
 from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
 
+from scrapy_speedup.browser.router import ROUTE_KEY, TWIN_ROUTE
 from scrapy_speedup.config import SpeedupConfig
 
 if TYPE_CHECKING:
@@ -77,24 +78,28 @@ class _PageGate:
         self.limit = limit
         self.in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Ahead of the others: the browser router's second fetches, on which
+        # a kind's decision and its held pages wait.
+        self._first: deque[asyncio.Future[None]] = deque()
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._waiters) + len(self._first)
 
-    async def acquire(self) -> None:
-        if self.in_use < self.limit and not self._waiters:
+    async def acquire(self, first: bool = False) -> None:
+        if self.in_use < self.limit and not self.waiting:
             self.in_use += 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        queue = self._first if first else self._waiters
+        queue.append(future)
         try:
             await future  # the releaser counted us in
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release()  # counted in, and cancelled before running
             else:
-                self._waiters.remove(future)
+                queue.remove(future)
             raise
 
     def release(self) -> None:
@@ -106,8 +111,8 @@ class _PageGate:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.in_use < self.limit:
-            future = self._waiters.popleft()
+        while self.waiting and self.in_use < self.limit:
+            future = (self._first or self._waiters).popleft()
             if not future.done():
                 self.in_use += 1
                 future.set_result(None)
@@ -159,7 +164,9 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             return await super().download_request(request)  # type: ignore[no-any-return]
         stats = self._speedup_crawler.stats
         assert stats is not None
-        await self.gate.acquire()
+        # The router's second fetches (a sample's, a held page's) first: the
+        # output of their pages, and a kind's decision, wait on them.
+        await self.gate.acquire(first=request.meta.get(ROUTE_KEY) == TWIN_ROUTE)
         started = time.monotonic()
         try:
             for attempt in range(_CRASH_RETRIES + 1):

@@ -64,7 +64,7 @@ ROUTE_KEY = "speedup_browser_route"
 _KIND_KEY = "speedup_browser_kind"
 #: The browser fetch of a sample, and the browser refetch of a page that
 #: failed the check: fetched as they are, not routed again.
-_TWIN = "twin"
+_TWIN = TWIN_ROUTE = "twin"
 _REFETCH = "refetch"
 _SAMPLED = "_speedup_browser_sampled"
 #: The requests a held-back page's callback yielded on the plain page, passed
