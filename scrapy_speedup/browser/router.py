@@ -354,10 +354,8 @@ class BrowserRouterSpiderMiddleware:
             except TimeoutError:
                 break  # no sample came back: the browser is always right
         if kind.decision == "http":
-            for output in _uncommitted(request, plain):
+            for output in _committed(request, plain, plain_error):
                 yield output
-            if plain_error is not None:
-                raise plain_error
             return
         # Counted as a plain page when it was fetched; it is the browser's now.
         kind.http_pages -= 1
@@ -367,16 +365,12 @@ class BrowserRouterSpiderMiddleware:
         twin_request, twin, error = await self._browser_fetch(request)
         if twin is None:
             self._keep_plain(request, "the browser fetch of a held page", error)
-            for output in _uncommitted(request, plain):
+            for output in _committed(request, plain, plain_error):
                 yield output
-            if plain_error is not None:
-                raise plain_error from None
             return
         browser, browser_error = await self._callback_output(twin, twin_request)
-        for output in _uncommitted(request, browser):
+        for output in _committed(request, browser, browser_error):
             yield output
-        if browser_error is not None:
-            raise browser_error
 
     async def _sample(
         self, response: Response, plain: list[Any], plain_error: Exception | None
@@ -390,10 +384,8 @@ class BrowserRouterSpiderMiddleware:
         if twin is None:
             kind.sample_ended()
             self._keep_plain(request, "the browser fetch of a sample", error)
-            for output in _uncommitted(request, plain):
+            for output in _committed(request, plain, plain_error):
                 yield output
-            if plain_error is not None:
-                raise plain_error from None
             return
         browser, browser_error = await self._callback_output(twin, twin_request)
         kind.sample_ended()  # held until now: a new sample must not start meanwhile
@@ -432,10 +424,8 @@ class BrowserRouterSpiderMiddleware:
         # The committed result keeps its exception: Scrapy logs and counts it
         # after the outputs, as without the router.
         outputs, error = (plain, plain_error) if same else (browser, browser_error)
-        for output in _uncommitted(request, outputs):
+        for output in _committed(request, outputs, error):
             yield output
-        if error is not None:
-            raise error
 
 
     async def _browser_fetch(
@@ -500,6 +490,16 @@ def _normal(value: Any) -> Any:
 def _request_key(request: Request) -> tuple[str, str, str]:
     callback = getattr(request.callback, "__name__", None) or "parse"
     return request.method, request.url, callback
+
+
+def _committed(
+    request: Request, outputs: Iterable[Any], error: Exception | None
+) -> Iterator[Any]:
+    """A page's committed result: its outputs (but the requests already
+    passed on), then its callback's exception, as Scrapy would raise it."""
+    yield from _uncommitted(request, outputs)
+    if error is not None:
+        raise error
 
 
 def _uncommitted(request: Request, outputs: Iterable[Any]) -> Iterator[Any]:
