@@ -16,9 +16,10 @@ from typing import Any
 
 import psutil
 import pytest
+from playwright._impl._errors import TargetClosedError
 from scrapy import signals
 
-from scrapy_speedup.browser.handler import _PageGate
+from scrapy_speedup.browser.handler import _PageGate, _unless_gone
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items
 from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
 from tests.conftest import Crawl, DemoSite
@@ -117,6 +118,10 @@ async def test_a_killed_browser_is_restarted_and_no_page_is_lost() -> None:
     assert by_path(run) == expected_items(60)
     assert run.stat("speedup/browser/restart_count") >= 1
     assert run.stat("playwright/browser_count") == 1 + run.stat("speedup/browser/restart_count")
+    # Pages being opened when it died failed at once and were opened in the
+    # new browser: none waited out a timeout (Playwright left some new_page
+    # calls to the dead browser unanswered: 70 s, then a retry).
+    assert not run.stat("speedup/browser/timeout_count")
     assert not any(code in str(err) for _, err in run.spider_errors for code in ("Target",))
     assert not chromium_processes()
 
@@ -245,3 +250,29 @@ async def test_page_gate_lets_the_routers_second_fetches_in_first() -> None:
         await asyncio.sleep(0)
     await asyncio.gather(*waiting)
     assert order == ["sample", "page a", "page b"]
+
+
+@inprocess
+async def test_a_call_to_a_browser_that_dies_unanswered_fails_at_once() -> None:
+    # Playwright left new_page calls to a killed browser unanswered: the
+    # page waited out a 70 s timeout. The call fails when the browser goes.
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    never: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def unanswered() -> str:
+        return await never
+
+    async def answered(value: str) -> str:
+        return value
+
+    assert await _unless_gone(answered, gone)("page") == "page"
+    calling = asyncio.ensure_future(_unless_gone(unanswered, gone)())
+    await asyncio.sleep(0.05)
+    assert not calling.done()
+    gone.set_result(None)
+    with pytest.raises(TargetClosedError):
+        await asyncio.wait_for(calling, 1)
+    assert never.cancelled()  # the unanswered call is not left running
+    # Once the browser is gone, a new call fails too, without waiting.
+    with pytest.raises(TargetClosedError):
+        await asyncio.wait_for(_unless_gone(unanswered, gone)(), 1)

@@ -35,8 +35,10 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from playwright._impl._errors import TargetClosedError
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from scrapy import signals
@@ -118,6 +120,35 @@ class _PageGate:
                 future.set_result(None)
 
 
+def _unless_gone(
+    call: Callable[..., Awaitable[Any]], gone: asyncio.Future[None]
+) -> Callable[..., Awaitable[Any]]:
+    """*call* (a browser's ``new_context``, a context's ``new_page``), failing
+    with ``TargetClosedError`` if the browser disconnects first.
+
+    Playwright does not always answer one of these sent to a browser killed
+    before it answered: the call waited for the handler's outer timeout, 70 s,
+    and the crawl with it (a CI failure). Failing as a call to a dead browser
+    does, the page is rendered again in the new one, and scrapy-playwright,
+    which catches the error, gives back the context's place the call held.
+    """
+
+    async def unless_gone(*args: Any, **kwargs: Any) -> Any:
+        calling = asyncio.ensure_future(call(*args, **kwargs))
+        try:
+            await asyncio.wait({calling, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not calling.done():
+                calling.cancel()
+                # Its result, a page of the dead browser, or its error: nothing to keep.
+                calling.add_done_callback(lambda done: done.cancelled() or done.exception())
+        if calling.done() and not calling.cancelled():
+            return calling.result()
+        raise TargetClosedError("the browser died before it answered")
+
+    return unless_gone
+
+
 class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore[misc]
     """Set by the add-on for http and https when the browser is on."""
 
@@ -146,6 +177,8 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         self._launch_early = config.browser_router_enabled and not self.config.use_threaded_loop
         self._early_launch: asyncio.Task[None] | None = None
         self._counted_browser: Any = None  # the last browser counted in _launched
+        # Done when that browser disconnects (see _unless_gone).
+        self._counted_browser_gone: asyncio.Future[None] | None = None
         # The contexts of the running browser, also those scrapy-playwright
         # has already forgotten (it drops a context when its "close" event
         # comes, which a dying browser sends before "disconnected").
@@ -226,6 +259,11 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
     async def _create_browser_context(self, *args: Any, **kwargs: Any) -> Any:
         wrapper = await super()._create_browser_context(*args, **kwargs)
         self._wrappers.append(wrapper)
+        if (self._counted_browser_gone is not None
+                and wrapper.context.browser is self._counted_browser):
+            # (A persistent context has no browser to watch.)
+            wrapper.context.new_page = _unless_gone(wrapper.context.new_page,
+                                                    self._counted_browser_gone)
         # Every page operation (a wait_for_selector among playwright_page_methods,
         # a click) gets the timeout, not only the navigation.
         wrapper.context.set_default_timeout(self.timeout_s * 1000)
@@ -254,6 +292,16 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         browser = getattr(self, "browser", None)
         if browser is not None and browser is not self._counted_browser:
             self._counted_browser = browser
+            gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def disconnected(*_: Any) -> None:
+                if not gone.done():
+                    gone.set_result(None)
+
+            # Playwright's event, not a Scrapy signal: it holds the callback.
+            browser.on("disconnected", disconnected)
+            self._counted_browser_gone = gone
+            browser.new_context = _unless_gone(browser.new_context, gone)
             self._launched += 1
             if self._launched > 1:
                 assert self._speedup_crawler.stats is not None
