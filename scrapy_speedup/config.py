@@ -522,7 +522,7 @@ class SpeedupConfig:
     browser_executable: str | None = None
     #: The user check: a CSS selector (str) or a function (response) -> bool.
     browser_check: str | Callable[[Any], bool] | None = None
-    browser_samples: int = 3
+    browser_samples: int = 2
     browser_recheck_share: float = 0.01
     browser_blocked_resource_types: tuple[str, ...] = ("image", "media", "font")
     browser_context_max_pages: int = 100
@@ -703,14 +703,27 @@ def _resource_types(settings: BaseSettings) -> tuple[str, ...]:
     return types
 
 
-def find_browser_executable(given: str | None) -> str | None:
-    """The Chromium to launch: the one given, else chromium or chromium-browser
-    on PATH (Debian's and Ubuntu's package names)."""
+def find_browser_executable(given: str | None, headless: bool = True) -> str | None:
+    """The Chromium to launch: the one given, else (headless) Chromium's
+    headless shell, else chromium or chromium-browser on PATH (Debian's and
+    Ubuntu's package names).
+
+    The headless shell is what Playwright launches for headless Chromium: the
+    full browser without a window (``--headless=new``) cost 1.6x its CPU a
+    page, most of it in the browser process (docs/benchmarks.rst).
+    """
     import shutil
 
     if given:
         return shutil.which(given) or (given if os.access(given, os.X_OK) else None)
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+    names = ["chromium", "chromium-browser"]
+    if headless:
+        names.insert(0, "chromium-headless-shell")
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
 
 
 def _browser(settings: BaseSettings) -> dict[str, Any]:
@@ -726,7 +739,7 @@ def _browser(settings: BaseSettings) -> dict[str, Any]:
         "browser_enabled": enabled,
         "browser_executable": executable,
         "browser_check": _browser_check(settings),
-        "browser_samples": _int(settings, "SPEEDUP_BROWSER_SAMPLES", 3, minimum=1,
+        "browser_samples": _int(settings, "SPEEDUP_BROWSER_SAMPLES", 2, minimum=1,
                                 maximum=1000),
         # Each re-check of a plain kind renders a page the crawl did not need
         # rendered: where a tenth of the pages need the browser, 1% (every

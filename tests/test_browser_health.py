@@ -276,3 +276,35 @@ async def test_a_call_to_a_browser_that_dies_unanswered_fails_at_once() -> None:
     # Once the browser is gone, a new call fails too, without waiting.
     with pytest.raises(TargetClosedError):
         await asyncio.wait_for(_unless_gone(unanswered, gone)(), 1)
+
+
+def test_page_gate_shrinks_on_lasting_load_not_one_busy_second() -> None:
+    from types import SimpleNamespace
+
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_speedup.browser.handler import SpeedupPlaywrightHandler
+
+    loads = iter(["reactor CPU 20%, lag 150 ms", "", "lag 300 ms", "lag 200 ms", "", ""])
+    stats = get_crawler().stats
+    handler = SimpleNamespace(
+        gate=_PageGate(8), max_pages=8, _busy_before="",
+        _speedup_crawler=SimpleNamespace(stats=stats),
+        browser_rss_bytes=lambda psutil: 0, _busy=lambda psutil: next(loads),
+    )
+    limits = []
+    for _ in range(6):
+        SpeedupPlaywrightHandler._tick(handler, psutil)  # type: ignore[arg-type]
+        limits.append(handler.gate.limit)
+    # One busy second (a collection, a burst of callbacks) leaves it; two in
+    # a row take a quarter; no growth without pages waiting.
+    assert limits == [8, 8, 8, 6, 6, 6]
+    loop = asyncio.new_event_loop()
+    try:
+        handler.gate._waiters.append(loop.create_future())  # a page waits
+        handler._busy = lambda psutil: ""
+        SpeedupPlaywrightHandler._tick(handler, psutil)  # type: ignore[arg-type]
+    finally:
+        loop.close()
+    assert handler.gate.limit == 7
+    assert stats.get_value("speedup/browser/pages_limit_min") == 6

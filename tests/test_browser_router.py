@@ -20,7 +20,9 @@ from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
 from tests.conftest import timing
 from tests.inprocess import CrawlRun, crawl, inprocess, listening, reactor
 
-ROUTER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ROUTER_ENABLED": True}
+# Three samples a kind (the default is 2): the tests count on the third.
+ROUTER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ROUTER_ENABLED": True,
+                          "SPEEDUP_BROWSER_SAMPLES": 3}
 
 
 def by_path(run: CrawlRun) -> dict[str, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from scrapy.settings import Settings
@@ -23,8 +24,9 @@ def test_handlers_launch_options_and_middlewares() -> None:
     handler = "scrapy_speedup.browser.handler.SpeedupPlaywrightHandler"
     assert settings.getdict("DOWNLOAD_HANDLERS") == {"http": handler, "https": handler}
     options = settings.getdict("PLAYWRIGHT_LAUNCH_OPTIONS")
-    assert options["executable_path"].endswith(("chromium", "chromium-browser"))
-    assert "--headless=new" in options["args"]
+    # make test installs Debian's headless shell: preferred, headless already.
+    assert options["executable_path"].endswith("chromium-headless-shell")
+    assert not any(arg.startswith("--headless") for arg in options["args"])
     assert f"--renderer-process-limit={os.cpu_count() or 1}" in options["args"]
     blocker = settings["PLAYWRIGHT_ABORT_REQUEST"]
     assert isinstance(blocker, ResourceBlocker)
@@ -32,6 +34,37 @@ def test_handlers_launch_options_and_middlewares() -> None:
     assert settings.getfloat("PLAYWRIGHT_DEFAULT_NAVIGATION_TIMEOUT") == 30_000
     assert any("BrowserRouterDownloaderMiddleware" in str(k)
                for k in settings.getdict("DOWNLOADER_MIDDLEWARES"))
+
+
+def _on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    for name in names:
+        executable = tmp_path / name
+        executable.write_text("#!/bin/sh\n")
+        executable.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+
+def test_the_headless_shell_is_preferred_when_headless(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _on_path(tmp_path, monkeypatch, "chromium", "chromium-headless-shell")
+    options = configured().getdict("PLAYWRIGHT_LAUNCH_OPTIONS")
+    assert options["executable_path"] == str(tmp_path / "chromium-headless-shell")
+    assert not any(arg.startswith("--headless") for arg in options["args"])
+    # A browser with a window is the full one.
+    options = configured(PLAYWRIGHT_LAUNCH_OPTIONS={"headless": False}).getdict(
+        "PLAYWRIGHT_LAUNCH_OPTIONS")
+    assert options["executable_path"] == str(tmp_path / "chromium")
+    assert not any(arg.startswith("--headless") for arg in options["args"])
+
+
+def test_the_full_chromium_runs_in_the_new_headless_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _on_path(tmp_path, monkeypatch, "chromium")
+    options = configured().getdict("PLAYWRIGHT_LAUNCH_OPTIONS")
+    assert options["executable_path"] == str(tmp_path / "chromium")
+    assert "--headless=new" in options["args"]
 
 
 def test_the_projects_own_settings_win() -> None:

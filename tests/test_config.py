@@ -43,7 +43,7 @@ def test_browser_settings() -> None:
     c = config()
     assert not c.browser_router_enabled and not c.browser_enabled
     assert c.browser_blocked_resource_types == ("image", "media", "font")
-    assert (c.browser_samples, c.browser_recheck_share) == (3, 0.01)
+    assert (c.browser_samples, c.browser_recheck_share) == (2, 0.01)
     assert c.browser_context_max_pages == 100 and c.browser_timeout_seconds == 30
     assert config(SPEEDUP_BROWSER_ROUTER_ENABLED="true").browser_enabled  # the router needs it
     c = config(SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES="Image, font,image",

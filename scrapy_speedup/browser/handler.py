@@ -13,8 +13,9 @@ What it adds to :class:`ScrapyPlaywrightDownloadHandler`, for requests with
   goes to scrapy-playwright's default context, never recycled.
 * **Open pages adapted to the machine.** A gate holds how many pages render at
   once: at most ``SPEEDUP_BROWSER_MAX_PAGES``, a quarter fewer each second
-  while the reactor doctor sees the reactor busy or memory is short, one more
-  each second while pages wait and the machine is not (#59).
+  while the reactor doctor has seen the reactor busy, or memory short, two
+  seconds in a row, one more each second while pages wait and the machine is
+  not busy (#59).
 * **A timeout on every browser operation**: the navigation and every page
   operation (Playwright's default timeouts), and the whole of a page's
   rendering, page methods included: past ``SPEEDUP_BROWSER_TIMEOUT_SECONDS``
@@ -167,6 +168,7 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         self._launched = 0
         self._restarted: set[int] = set()  # ids of the dead browsers replaced
         self._ticker: asyncio.Task[None] | None = None
+        self._busy_before = ""  # why the last tick found the machine busy
         # The router samples a crawl's first pages in the browser: launched
         # at this handler's first download (plain), Chromium's start (a second
         # or more) is not on the path of the first samples, which hold the
@@ -413,8 +415,13 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         if rss:
             stats.max_value(_STAT + "rss_max_mb", round(rss / 2**20))
         busy = self._busy(psutil)
+        # Shrunk when the load lasts: one slow second (a collection, a burst
+        # of callbacks, Chromium starting) took a quarter of the pages for
+        # seconds while the rest of the crawl had the CPU to spare.
+        sustained = bool(busy) and bool(self._busy_before)
+        self._busy_before = busy
         limit = self.gate.limit
-        if busy:
+        if sustained:
             limit = max(1, limit - max(1, limit // 4))
         elif self.gate.waiting:
             limit = min(self.max_pages, limit + 1)

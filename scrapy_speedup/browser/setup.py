@@ -5,6 +5,7 @@ Chromium to launch, the resource types to block, the timeouts."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scrapy.settings import SETTINGS_PRIORITIES
@@ -66,11 +67,13 @@ def configure_browser(settings: BaseSettings, config: SpeedupConfig) -> None:
     options = dict(settings.getdict("PLAYWRIGHT_LAUNCH_OPTIONS"))
     remote = settings.get("PLAYWRIGHT_CDP_URL") or settings.get("PLAYWRIGHT_CONNECT_URL")
     if not remote and "executable_path" not in options:
-        executable = find_browser_executable(config.browser_executable)
+        headless = bool(options.get("headless", True))
+        executable = find_browser_executable(config.browser_executable, headless)
         if executable is None:
             raise SpeedupSettingsError(
-                "scrapy-speedup's browser found no Chromium (chromium or chromium-browser on"
-                " PATH): install Debian's or Ubuntu's package (apt-get install chromium), or"
+                "scrapy-speedup's browser found no Chromium (chromium-headless-shell, chromium or"
+                " chromium-browser on PATH): install Debian's package (apt-get install"
+                " chromium-headless-shell, or chromium), or"
                 " name one with SPEEDUP_BROWSER_EXECUTABLE or PLAYWRIGHT_LAUNCH_OPTIONS"
                 ' {"executable_path": ...}'
             )
@@ -79,9 +82,10 @@ def configure_browser(settings: BaseSettings, config: SpeedupConfig) -> None:
         # Chromium refuses to start as root with its sandbox (containers, CI).
         if os.geteuid() == 0 and "--no-sandbox" not in args:
             args.append("--no-sandbox")
-        # A distribution's Chromium has no headless shell: the new headless
-        # mode is the full browser without a window.
-        if options.get("headless", True) and not any(a.startswith("--headless") for a in args):
+        # Without the headless shell, the new headless mode is the full
+        # browser without a window (the shell is headless already).
+        shell = Path(executable).name.startswith("chromium-headless-shell")
+        if headless and not shell and not any(a.startswith("--headless") for a in args):
             args.append("--headless=new")
         # Chromium starts a renderer process for each new page; pages that
         # share one renderer per core cost a quarter less CPU each (measured:
