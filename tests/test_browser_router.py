@@ -15,6 +15,7 @@ import pytest
 from scrapy import Request, signals
 from scrapy.http import Response
 
+from scrapy_speedup.browser.router import BrowserRouter
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items, kind_of
 from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
 from tests.conftest import timing
@@ -68,6 +69,8 @@ async def test_router_learns_which_kinds_need_the_browser(
     assert s("playwright/page_count") == s("speedup/browser/browser_count") + s(
         "speedup/browser/sample_count")
     assert s("speedup/browser/mispredict_count") == 0
+    # The browser's page gate tells the router when pages wait (re-checks).
+    assert BrowserRouter.of(run.crawler).gates
     text = table(caplog)
     assert "plain HTTP" in decision_line(text, "/shop/item/{n}.html parse_product")
     assert "plain HTTP" in decision_line(text, "/shop/list/{n}.html parse")
@@ -377,3 +380,21 @@ async def test_a_router_crawl_of_one_scheme_launches_one_browser_and_counts_no_r
     assert run.stat("playwright/page_count") >= 1
     assert run.stat("playwright/browser_count") == 1
     assert run.stat("speedup/browser/restart_count") == 0
+
+
+def test_a_plain_kinds_recheck_waits_while_pages_wait_for_the_browser() -> None:
+    from scrapy_speedup.browser.kinds import RECHECK_LATE_MAX, Kind
+
+    def rechecks(decision: str, busy: bool, pages: int) -> list[int]:
+        kind = Kind(("site", "/p/{n}", "parse"), 2, 0.1, 60)
+        kind.decision = decision  # type: ignore[assignment]
+        routes = [kind.route(checked=False, browser_busy=busy) for _ in range(pages)]
+        return [n + 1 for n, route in enumerate(routes) if route == "sample"]
+
+    # Every 10th page (a share of 0.1) while the browser has room.
+    assert rechecks("http", busy=False, pages=40) == [10, 20, 30, 40]
+    # A rendering more: late while pages wait for the browser, never more
+    # than RECHECK_LATE_MAX intervals.
+    assert rechecks("http", busy=True, pages=80) == [10 * RECHECK_LATE_MAX, 20 * RECHECK_LATE_MAX]
+    # A browser kind's re-check costs a plain fetch: on time.
+    assert rechecks("browser", busy=True, pages=20) == [10, 20]

@@ -46,7 +46,7 @@ from scrapy import signals
 from scrapy.exceptions import DownloadTimeoutError
 from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
 
-from scrapy_speedup.browser.router import ROUTE_KEY, TWIN_ROUTE
+from scrapy_speedup.browser.router import ROUTE_KEY, TWIN_ROUTE, BrowserRouter
 from scrapy_speedup.config import SpeedupConfig
 
 if TYPE_CHECKING:
@@ -161,6 +161,8 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         self.context_max_pages = config.browser_context_max_pages
         self.max_pages = config.browser_max_pages
         self.gate = _PageGate(self.max_pages)
+        if config.browser_router_enabled:
+            BrowserRouter.of(crawler).gates.append(self.gate)
         self._generation = 0
         self._assigned = 0  # pages given to the current context
         self._open_pages: Counter[str] = Counter()

@@ -85,6 +85,9 @@ class BrowserRouter:
         self._expiry_s = 3 * config.browser_timeout_seconds
         self._held_cap = max(1, crawler.settings.getint("CONCURRENT_REQUESTS"))
         self.kinds: dict[KindKey, Kind] = {}
+        #: The page gates of the browser's download handlers (they add
+        #: themselves): pages waiting at one make plain kinds' re-checks wait.
+        self.gates: list[Any] = []
         assert crawler.stats is not None
         self.stats = crawler.stats
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
@@ -102,6 +105,10 @@ class BrowserRouter:
             kind = self.kinds[key] = Kind(key, self.samples_needed, self.recheck_share,
                                           self._expiry_s, self._held_cap)
         return kind
+
+    def browser_busy(self) -> bool:
+        """Pages are waiting for a place in the browser."""
+        return any(gate.waiting for gate in self.gates)
 
     def learn(self, kind: Kind, same: bool, why: str) -> None:
         changed = kind.learn(same, why)
@@ -175,7 +182,8 @@ class BrowserRouterDownloaderMiddleware:
             router.kind(tuple(meta[_KIND_KEY])).held_done()  # type: ignore[arg-type]
         key = kind_key(request)
         kind = router.kind(key)
-        new: Route = kind.route(checked=router.check is not None)
+        new: Route = kind.route(checked=router.check is not None,
+                                browser_busy=router.browser_busy())
         while new == "wait":
             try:
                 await asyncio.wait_for(kind.decided(), kind.sample_expiry_s)
