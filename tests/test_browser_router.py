@@ -221,18 +221,26 @@ async def test_a_failed_browser_fetch_keeps_the_plain_result(
     assert any("failed (DownloadTimeoutError" in r.getMessage() for r in caplog.records)
 
 
+async def _crawl_with_slow_samples(spidercls: type[ShopSpider]) -> tuple[CrawlRun,
+                                                                         _SlowSecondFetch]:
+    """A router crawl of 40 products whose item samples' browser fetches take
+    2 s; it finishes with every product's item, once."""
+    shop = _SlowSecondFetch(products=40, latency_s=0, slow_s=2)
+    with listening(shop) as url:
+        run = await crawl(spidercls, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0},
+                          url=url, lists=2)
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(40)
+    return run, shop
+
+
 @inprocess
 async def test_pages_of_a_kind_being_sampled_are_fetched_and_held_for_the_decision() -> None:
     # The item samples' browser fetches take 2 s: meanwhile the other item
     # pages are downloaded, not kept waiting for the decision. The app pages'
     # callback raises on their plain pages (no price): the held ones get the
     # browser's result, no error.
-    shop = _SlowSecondFetch(products=40, latency_s=0, slow_s=2)
-    with listening(shop) as url:
-        run = await crawl(FloatPriceSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0},
-                          url=url, lists=2)
-    assert run.finish_reason == "finished"
-    assert by_path(run) == expected_items(40)
+    run, shop = await _crawl_with_slow_samples(FloatPriceSpider)
     assert run.spider_errors == []
     s = run.stat
     items = sum(1 for i in range(40) if kind_of(i) == "item")
@@ -346,14 +354,9 @@ async def test_a_callback_raising_after_its_item_keeps_the_item_and_its_error(
 ) -> None:
     # The item samples' browser fetches take 2 s: most item pages are held.
     caplog.set_level(logging.INFO)
-    shop = _SlowSecondFetch(products=40, latency_s=0, slow_s=2)
-    with listening(shop) as url:
-        run = await crawl(YieldThenRaiseSpider, {**ROUTER, "SPEEDUP_BROWSER_RECHECK_SHARE": 0},
-                          url=url, lists=2)
-    assert run.finish_reason == "finished"
     # Every item, as without the router (the scripted ones rendered), and
     # every page's exception on to Scrapy, once.
-    assert by_path(run) == expected_items(40)
+    run, shop = await _crawl_with_slow_samples(YieldThenRaiseSpider)
     assert run.stat("spider_exceptions/ValueError") == 40
     assert sorted(url for url, _ in run.spider_errors) == sorted(item["url"] for item in run.items)
     # The same item, then the same exception, both ways: the item pages are
