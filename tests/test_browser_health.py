@@ -308,3 +308,31 @@ def test_page_gate_shrinks_on_lasting_load_not_one_busy_second() -> None:
         loop.close()
     assert handler.gate.limit == 7
     assert stats.get_value("speedup/browser/pages_limit_min") == 6
+
+
+def test_page_gate_does_not_grow_in_a_busy_second() -> None:
+    # One busy second does not shrink the gate; nor may it grow it, pages
+    # waiting or not: it grows only while the machine is not busy.
+    from types import SimpleNamespace
+
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_speedup.browser.handler import SpeedupPlaywrightHandler
+
+    loads = iter(["", "lag 300 ms", "", "lag 300 ms"])
+    handler = SimpleNamespace(
+        gate=_PageGate(4), max_pages=8, _busy_before="",
+        _speedup_crawler=SimpleNamespace(stats=get_crawler().stats),
+        browser_rss_bytes=lambda psutil: 0, _busy=lambda psutil: next(loads),
+    )
+    handler.gate.in_use = 8  # every place taken: the page keeps waiting
+    loop = asyncio.new_event_loop()
+    limits = []
+    try:
+        handler.gate._waiters.append(loop.create_future())  # a page waits
+        for _ in range(4):
+            SpeedupPlaywrightHandler._tick(handler, psutil)  # type: ignore[arg-type]
+            limits.append(handler.gate.limit)
+    finally:
+        loop.close()
+    assert limits == [5, 5, 6, 6]

@@ -85,6 +85,20 @@ def test_no_chromium_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> No
         configured()
 
 
+def test_a_browser_with_a_window_is_not_told_to_install_the_headless_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The headless shell is installed but has no window: the error names the
+    # full browser to install, not the shell that is there already.
+    _on_path(tmp_path, monkeypatch, "chromium-headless-shell")
+    with pytest.raises(SpeedupSettingsError, match="found no Chromium") as raised:
+        configured(PLAYWRIGHT_LAUNCH_OPTIONS={"headless": False})
+    message = str(raised.value)
+    assert "apt-get install chromium" in message
+    assert "install chromium-headless-shell" not in message
+    assert '"headless": false' in message
+
+
 def test_another_reactor_is_refused() -> None:
     with pytest.raises(SpeedupSettingsError, match="need the asyncio reactor"):
         configured(TWISTED_REACTOR="twisted.internet.epollreactor.EPollReactor")

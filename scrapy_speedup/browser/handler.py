@@ -425,7 +425,7 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         limit = self.gate.limit
         if sustained:
             limit = max(1, limit - max(1, limit // 4))
-        elif self.gate.waiting:
+        elif self.gate.waiting and not busy:  # one busy second: neither way
             limit = min(self.max_pages, limit + 1)
         if limit != self.gate.limit:
             logger.debug("scrapy-speedup: browser pages at once %d -> %d%s", self.gate.limit,

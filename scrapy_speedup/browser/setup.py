@@ -70,10 +70,16 @@ def configure_browser(settings: BaseSettings, config: SpeedupConfig) -> None:
         headless = bool(options.get("headless", True))
         executable = find_browser_executable(config.browser_executable, headless)
         if executable is None:
+            # The headless shell has no window: not one to look for, nor to
+            # install, for a browser with one.
+            looked_for, install = (
+                ("chromium-headless-shell, chromium or chromium-browser on PATH",
+                 "chromium-headless-shell, or chromium") if headless else
+                ('chromium or chromium-browser on PATH; PLAYWRIGHT_LAUNCH_OPTIONS {"headless":'
+                 " false} asks for a window, which the headless shell has not", "chromium"))
             raise SpeedupSettingsError(
-                "scrapy-speedup's browser found no Chromium (chromium-headless-shell, chromium or"
-                " chromium-browser on PATH): install Debian's package (apt-get install"
-                " chromium-headless-shell, or chromium), or"
+                f"scrapy-speedup's browser found no Chromium ({looked_for}): install Debian's"
+                f" package (apt-get install {install}), or"
                 " name one with SPEEDUP_BROWSER_EXECUTABLE or PLAYWRIGHT_LAUNCH_OPTIONS"
                 ' {"executable_path": ...}'
             )
