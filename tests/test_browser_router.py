@@ -66,7 +66,7 @@ async def test_router_learns_which_kinds_need_the_browser(
     # fetched plain and held for the decision.
     assert s("speedup/browser/browser_count") <= 10
     assert shop.served["item"] == 90 + 3  # each of the 3 samples fetched twice
-    assert s("playwright/page_count") == s("speedup/browser/browser_count") + s(
+    assert s("speedup/browser/rendered_count") == s("speedup/browser/browser_count") + s(
         "speedup/browser/sample_count")
     assert s("speedup/browser/mispredict_count") == 0
     # The browser's page gate tells the router when pages wait (re-checks).
@@ -92,7 +92,7 @@ async def test_explicit_playwright_meta_is_left_alone() -> None:
     assert items["/shop/app/0.html"]["title"] is None  # not rendered: as the project asked
     assert run.stat("speedup/browser/http_count") == 0
     assert run.stat("speedup/browser/sample_count") == 0
-    assert run.stat("playwright/page_count") == 0
+    assert run.stat("speedup/browser/rendered_count") == 0
 
 
 def price_is_real(response: Response) -> bool:
@@ -250,7 +250,7 @@ async def test_pages_of_a_kind_being_sampled_are_fetched_and_held_for_the_decisi
     # Every page once, whatever its route; the held item pages were not rendered.
     assert s("speedup/browser/http_count") + s("speedup/browser/browser_count") == 42
     assert sum(n for p, n in shop.fetches.items() if p.startswith(b"/shop/item/")) == items + 3
-    assert s("playwright/page_count") == s("speedup/browser/browser_count") + s(
+    assert s("speedup/browser/rendered_count") == s("speedup/browser/browser_count") + s(
         "speedup/browser/sample_count")
     # Held item pages were fetched while the samples' renderings were slow.
     first_sample_done = min(shop.slow_answered)
@@ -380,7 +380,7 @@ async def test_a_router_crawl_of_one_scheme_launches_one_browser_and_counts_no_r
     with listening(shop) as url:
         run = await crawl(ShopSpider, ROUTER, url=url)
     assert run.finish_reason == "finished"
-    assert run.stat("playwright/page_count") >= 1
+    assert run.stat("speedup/browser/rendered_count") >= 1
     assert run.stat("playwright/browser_count") == 1
     assert run.stat("speedup/browser/restart_count") == 0
 

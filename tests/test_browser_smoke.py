@@ -21,8 +21,9 @@ async def test_chromium_renders_a_script_page() -> None:
     assert items["app/0.html"]["title"] == "Product 0"
     assert items["app/0.html"]["price"] == price_of(0)
     assert items["deal/10.html"]["price"] == price_of(10)
-    assert run.stat("playwright/page_count") == 21
     assert run.stat("speedup/browser/rendered_count") == 21
+    # Pages navigated again: fewer opened than rendered (docs/usage/browser.rst).
+    assert run.stat("playwright/page_count") < 21
     # Images blocked by default: the browser never asked for one.
     assert shop.served["img"] == 0
     assert run.stat("playwright/request_count/aborted") == 20

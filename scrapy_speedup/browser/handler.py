@@ -16,6 +16,15 @@ What it adds to :class:`ScrapyPlaywrightDownloadHandler`, for requests with
   while the reactor doctor has seen the reactor busy, or memory short, two
   seconds in a row, one more each second while pages wait and the machine is
   not busy (#59).
+* **Pages navigated again.** A page whose rendering went well is not closed:
+  the next page of its context is rendered in it (``page.goto``), which
+  spares Chromium a page's set-up and tear-down (a renderer's, a target's).
+  Only a page that nothing of the project's touched is reused: not one a
+  callback keeps (``playwright_include_page``), one given in
+  ``playwright_page``, one with ``playwright_page_init_callback`` or
+  ``playwright_page_event_handlers``, or page methods other than waits,
+  ``evaluate`` and captures (:data:`_REUSE_SAFE_METHODS`); what such a page
+  does can outlive its navigation. ``SPEEDUP_BROWSER_PAGE_REUSE_ENABLED``.
 * **A timeout on every browser operation**: the navigation and every page
   operation (Playwright's default timeouts), and the whole of a page's
   rendering, page methods included: past ``SPEEDUP_BROWSER_TIMEOUT_SECONDS``
@@ -45,6 +54,7 @@ from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from scrapy import signals
 from scrapy.exceptions import DownloadTimeoutError
 from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
+from scrapy_playwright.page import PageMethod
 
 from scrapy_speedup.browser.router import ROUTE_KEY, TWIN_ROUTE, BrowserRouter
 from scrapy_speedup.config import SpeedupConfig
@@ -72,6 +82,32 @@ _CRASH_RETRIES = 3
 # Time for Chromium to start, on top of a page's timeout: ~1 s on an idle
 # machine, several on a loaded one.
 _LAUNCH_S = 30.0
+#: Page methods whose effects end with the page's next navigation: a page
+#: they ran on may render the next page. Others (``set_viewport_size``,
+#: ``route``, ``add_init_script``, ``expose_function``, ``set_extra_http_headers``,
+#: a click that arms a ``beforeunload``, a callable) leave state on the page.
+_REUSE_SAFE_METHODS = frozenset({
+    "wait_for_selector", "wait_for_load_state", "wait_for_timeout", "wait_for_function",
+    "wait_for_url", "evaluate", "screenshot", "pdf", "content", "title",
+})
+#: Set on a Playwright page while the handler may hand it to the next
+#: request of its context once this one is done.
+_REUSE_ATTR = "_speedup_reuse"
+
+
+def _page_reusable(request: Request) -> bool:
+    """Whether nothing the project asked of *request*'s page can outlive its
+    next navigation (see the module's doc)."""
+    meta = request.meta
+    if (meta.get("playwright_include_page") or meta.get("playwright_page") is not None
+            or meta.get("playwright_page_init_callback")
+            or meta.get("playwright_page_event_handlers")):
+        return False
+    methods = meta.get("playwright_page_methods") or ()
+    if isinstance(methods, dict):
+        methods = methods.values()
+    return all(isinstance(m, PageMethod) and isinstance(m.method, str)
+               and m.method in _REUSE_SAFE_METHODS for m in methods)
 
 
 class _PageGate:
@@ -160,6 +196,10 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         self.timeout_s = config.browser_timeout_seconds
         self.context_max_pages = config.browser_context_max_pages
         self.max_pages = config.browser_max_pages
+        self.page_reuse = config.browser_page_reuse_enabled
+        #: Pages done well and kept open for the next page, by context name.
+        #: Each still holds its place in its context's page limit.
+        self._idle_pages: dict[str, list[Any]] = {}
         self.gate = _PageGate(self.max_pages)
         if config.browser_router_enabled:
             BrowserRouter.of(crawler).gates.append(self.gate)
@@ -246,10 +286,16 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         # Inside scrapy-playwright's try: on the timeout it closes the page,
         # which frees the page's place in its context (#6, #133).
         try:
-            async with asyncio.timeout(self.timeout_s):
-                return await super()._download_request_with_page(  # type: ignore[no-any-return]
-                    request, page, spider
-                )
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await super()._download_request_with_page(  # type: ignore[no-any-return]
+                        request, page, spider
+                    )
+            except BaseException:
+                # A page whose rendering failed is closed, not reused: what
+                # it holds is not known.
+                setattr(page, _REUSE_ATTR, False)
+                raise
         except (TimeoutError, PlaywrightTimeoutError):
             # Playwright's own (the navigation's) too: as DownloadTimeoutError,
             # RetryMiddleware retries it; Playwright's it would not.
@@ -259,6 +305,56 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                 f"the browser took more than {self.timeout_s:g} s"
                 f" (SPEEDUP_BROWSER_TIMEOUT_SECONDS) to render {request.url}"
             ) from None
+
+    async def _create_page(self, request: Request, spider: Any) -> Any:
+        name: str | None = request.meta.get("playwright_context")
+        # Only in the contexts the handler chose (recycled, never the project's).
+        reuse = (self.page_reuse and name is not None
+                 and bool(request.meta.get(CONTEXT_CHOSEN_KEY)) and _page_reusable(request))
+        if reuse and name is not None:
+            idle = self._idle_pages.get(name, [])
+            while idle:
+                page = idle.pop()
+                if not page.is_closed():
+                    setattr(page, _REUSE_ATTR, True)
+                    assert self._speedup_crawler.stats is not None
+                    self._speedup_crawler.stats.inc_value(_STAT + "page_reused_count")
+                    return page
+        page = await super()._create_page(request, spider)
+        if self.page_reuse and name is not None:
+            self._keep_on_close(page, name)
+        setattr(page, _REUSE_ATTR, reuse)
+        return page
+
+    def _keep_on_close(self, page: Any, name: str) -> None:
+        """scrapy-playwright closes a page once its response is read: keep it
+        open for the next page of its context instead, when it may be reused."""
+        close = page.close
+
+        async def keep_or_close(*args: Any, **kwargs: Any) -> None:
+            idle = self._idle_pages.setdefault(name, [])
+            if (args or kwargs or not getattr(page, _REUSE_ATTR, False) or page.is_closed()
+                    or name in self._retired or name not in self.context_wrappers
+                    or len(idle) >= self.max_pages):
+                await close(*args, **kwargs)
+                return
+            setattr(page, _REUSE_ATTR, False)  # until it is handed out again
+            try:
+                # Each rendering routes "**" anew (scrapy-playwright's handler
+                # for its request): the last one's goes.
+                await page.unroute("**")
+            except PlaywrightError:
+                with contextlib.suppress(PlaywrightError):
+                    await close()
+                return
+            idle.append(page)
+
+        def crashed(*_: Any) -> None:
+            with contextlib.suppress(ValueError):
+                self._idle_pages.get(name, []).remove(page)
+
+        page.close = keep_or_close
+        page.on("crash", crashed)
 
     async def _create_browser_context(self, *args: Any, **kwargs: Any) -> Any:
         wrapper = await super()._create_browser_context(*args, **kwargs)
@@ -342,6 +438,7 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             return
         del self._open_pages[name]
         self._retired.discard(name)
+        self._idle_pages.pop(name, None)  # closed with their context
         wrapper = self.context_wrappers.get(name)
         if wrapper is None:
             return  # never opened, or gone with a dead browser
@@ -385,6 +482,7 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         context and be rendered again in the new browser."""
         wrappers, self._wrappers = self._wrappers, []
         self.context_wrappers.clear()
+        self._idle_pages.clear()
         for wrapper in wrappers:
             for _ in range(self.config.max_pages_per_context):
                 wrapper.semaphore.release()

@@ -1,0 +1,140 @@
+"""Pages navigated again instead of opened anew, with a real Chromium: the
+next page of a context renders in a page whose last rendering went well, and
+never in one that something of the project's touched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scrapy import Request
+from scrapy.http import Response
+from scrapy_playwright.page import PageMethod
+
+from scrapy_speedup.browser.handler import _page_reusable
+from scrapy_speedup.demo.jsshop import ShopResource, expected_items
+from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
+from tests.inprocess import crawl, inprocess, listening
+
+BROWSER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ENABLED": True}
+ALL_BROWSER = {"playwright": True}
+
+
+def _items(run: Any) -> dict[str, dict[str, Any]]:
+    return {"/" + item["url"].split("/", 3)[3]: {"title": item["title"], "price": item["price"]}
+            for item in run.items}
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reused", "not-reused"])
+@inprocess
+async def test_pages_are_navigated_again_not_opened_anew(reuse: bool) -> None:
+    shop = ShopResource(products=40, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 2,
+                                       "SPEEDUP_BROWSER_PAGE_REUSE_ENABLED": reuse},
+                          url=url, lists=2, meta=ALL_BROWSER)
+    assert run.finish_reason == "finished"
+    assert _items(run) == expected_items(40)
+    assert len(run.items) == 40
+    rendered = run.stat("speedup/browser/rendered_count")
+    assert rendered == 42
+    opened = run.stat("playwright/page_count")
+    if reuse:
+        # At most two pages at once, in one context: two pages in all.
+        assert opened <= 2
+        assert run.stat("speedup/browser/page_reused_count") == rendered - opened
+    else:
+        assert opened == rendered
+        assert not run.stat("speedup/browser/page_reused_count")
+    assert not chromium_processes()
+
+
+@inprocess
+async def test_a_recycled_contexts_pages_close_with_it() -> None:
+    shop = ShopResource(products=40, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 2,
+                                       "SPEEDUP_BROWSER_CONTEXT_MAX_PAGES": 5},
+                          url=url, lists=2, meta=ALL_BROWSER)
+    assert run.finish_reason == "finished"
+    assert _items(run) == expected_items(40)
+    # 42 pages, 5 to a context: 9 contexts, never more than 2 pages each.
+    assert run.stat("playwright/context_count") == 9
+    assert run.stat("speedup/browser/context_recycled_count") == 8
+    assert run.stat("playwright/page_count") <= 2 * 9
+    assert run.stat("speedup/browser/page_reused_count") >= 42 - 2 * 9
+
+
+_MARK = "window.addEventListener('DOMContentLoaded', () =>" \
+        " document.body.setAttribute('data-marked', '1'))"
+
+
+class _MarkingSpider(ShopSpider):
+    """Every third product page gets an init script that marks the page's
+    body; every item says whether its page was marked."""
+
+    def parse(self, response: Response) -> Iterator[Request]:
+        for n, href in enumerate(response.css("ul.products a::attr(href)").getall()):
+            methods = [PageMethod("add_init_script", _MARK)] if n % 3 == 0 else []
+            yield response.follow(href, callback=self.parse_product, meta={
+                **self.meta, "playwright_page_methods": methods, "marked": bool(methods)})
+
+    def parse_product(self, response: Response) -> Iterator[dict[str, Any]]:
+        for item in super().parse_product(response):
+            yield {**item, "asked": response.meta["marked"],
+                   "marked": response.css("body::attr(data-marked)").get() == "1"}
+
+
+@inprocess
+async def test_a_page_touched_by_a_page_method_is_not_reused() -> None:
+    # add_init_script outlives the page's navigation: had the page been
+    # reused, the pages rendered in it next would be marked too.
+    shop = ShopResource(products=40, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(_MarkingSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 2},
+                          url=url, lists=2, meta=ALL_BROWSER)
+    assert run.finish_reason == "finished"
+    assert len(run.items) == 40
+    # An init script runs on the navigation after it is added: the page it
+    # was added on is not marked itself, and no other page may be.
+    assert [item["url"] for item in run.items if item["marked"]] == []
+    asked = sum(item["asked"] for item in run.items)
+    assert asked == 14
+    # One new page for each marked one at least; the rest reused.
+    assert run.stat("playwright/page_count") >= asked
+    assert run.stat("speedup/browser/page_reused_count") >= 1
+
+
+@inprocess
+async def test_a_page_whose_rendering_failed_is_closed_not_reused() -> None:
+    from tests.test_browser_health import _HangsOnce
+
+    shop = _HangsOnce(products=20, latency_s=0)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_TIMEOUT_SECONDS": 1,
+                                       "SPEEDUP_BROWSER_MAX_PAGES": 1, "RETRY_TIMES": 1},
+                          url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    assert _items(run) == expected_items(20)
+    assert run.stat("speedup/browser/timeout_count") == 1
+    # One page at a time: the one that timed out was closed, a second one
+    # rendered the rest.
+    assert run.stat("playwright/page_count") == 2
+    assert run.stat("speedup/browser/page_reused_count") == 22 - 2
+
+
+@pytest.mark.parametrize(("meta", "reusable"), [
+    ({}, True),
+    ({"playwright_page_methods": [PageMethod("wait_for_selector", "h1")]}, True),
+    ({"playwright_page_methods": {"s": PageMethod("evaluate", "window.scrollBy(0, 100)")}},
+     True),
+    ({"playwright_page_methods": [PageMethod("set_viewport_size", {"width": 1, "height": 1})]},
+     False),
+    ({"playwright_page_methods": [PageMethod(lambda page: None)]}, False),
+    ({"playwright_include_page": True}, False),
+    ({"playwright_page_init_callback": "tests.x.f"}, False),
+    ({"playwright_page_event_handlers": {"dialog": "f"}}, False),
+])
+def test_which_pages_may_be_reused(meta: dict[str, Any], reusable: bool) -> None:
+    assert _page_reusable(Request("http://127.0.0.1/", meta=meta)) is reusable
