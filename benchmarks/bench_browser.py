@@ -14,10 +14,15 @@ a. **Pages/s**: the router (SPEEDUP_BROWSER_ROUTER_ENABLED, learning which
    each ratio is the median of the per-round ratios of pages/s over the
    crawl's own span (stats' elapsed_time_seconds). Every run's items must be
    the shop's expected items, exactly (same items in each run).
+   ``--page-reuse-off-too`` runs each configuration also with a new page for
+   each rendering (SPEEDUP_BROWSER_PAGE_REUSE_ENABLED=False), side by side.
 b. **Browser memory**: a 2,000-product all-browser crawl (2,100 pages); the
    resident memory (RSS) of the crawl's descendant processes (Playwright's
    driver and Chromium's processes), sampled every 0.5 s against the pages
-   crawled so far (LOGSTATS_INTERVAL=1): at the end against after 200 pages.
+   crawled so far (LOGSTATS_INTERVAL=1): at the end against after 200 pages,
+   one sample each and the medians of the samples over pages 200-400 and over
+   the last 200 pages (one sample moves by 100-200 MiB as Chromium starts and
+   ends renderer processes).
    scrapy-speedup (contexts recycled every 100 pages, images, media and fonts
    blocked) against scrapy-playwright alone (add-on off, its defaults), same
    crawl, same run. Target: scrapy-speedup <= 1.2x.
@@ -26,12 +31,14 @@ Results go to benchmarks/results/browser.json.
 
     .venv/bin/python benchmarks/bench_browser.py [--rounds 2] [--products 300]
         [--memory-products 2000] [--quick] [--skip-memory] [--skip-all-browser]
+        [--page-reuse-off-too] [--skip-throughput]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -67,6 +74,15 @@ class Run:
     @property
     def crawl_s(self) -> float:
         return float(self.stats["elapsed_time_seconds"])
+
+    @property
+    def renderings(self) -> int:
+        return int(self.stats.get("speedup/browser/rendered_count", 0))
+
+    @property
+    def pages_opened(self) -> int:
+        """Browser pages opened: fewer than renderings when pages are reused."""
+        return int(self.stats.get("playwright/page_count", 0))
 
     @property
     def pages_per_s(self) -> float:
@@ -174,15 +190,20 @@ def check_items(run_: Run, products: int) -> None:
                            f" the shop's {len(expected)}; first wrong: {wrong}")
 
 
-def throughput(products: int, rounds: int, all_browser: bool = True) -> dict[str, Any]:
+def throughput(products: int, rounds: int, all_browser: bool = True,
+               page_reuse_off: bool = False) -> dict[str, Any]:
     browser = {"SPEEDUP_BROWSER_ENABLED": True, "SPEEDUP_BROWSER_ROUTER_ENABLED": False}
     configs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         "all-browser": (browser, {"browser": "all"}),
         "oracle": (browser, {"browser": "oracle"}),
         "router": ({"SPEEDUP_BROWSER_ROUTER_ENABLED": True}, {}),
     }
+    if page_reuse_off:  # the same crawls, a new page for each rendering
+        off = {"SPEEDUP_BROWSER_PAGE_REUSE_ENABLED": False}
+        configs.update({f"{label} (new pages)": ({**settings, **off}, args)
+                        for label, (settings, args) in configs.items()})
     if not all_browser:  # minutes a round at 1,000 products
-        del configs["all-browser"]
+        configs = {k: v for k, v in configs.items() if not k.startswith("all-browser")}
     runs: dict[str, list[Run]] = {label: [] for label in configs}
     with Shop(products, latency_ms=20) as shop:
         for number in range(rounds):
@@ -190,15 +211,26 @@ def throughput(products: int, rounds: int, all_browser: bool = True) -> dict[str
                 result = run(label, shop.url, {"CONCURRENT_REQUESTS": 16, **settings}, args)
                 check_items(result, products)
                 runs[label].append(result)
-                print(f"  round {number + 1} {label:12} {result.pages_per_s:7.2f} pages/s"
-                      f" ({result.pages} pages, {result.crawl_s:.1f} s)", flush=True)
+                print(f"  round {number + 1} {label:24} {result.pages_per_s:7.2f} pages/s"
+                      f" ({result.pages} pages, {result.crawl_s:.1f} s; end to end"
+                      f" {result.wall_s:.1f} s; {result.renderings} renderings in"
+                      f" {result.pages_opened} pages)", flush=True)
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x.pages_per_s / y.pages_per_s
                                  for x, y in zip(runs[a], runs[b], strict=True))
 
+    def medians(label: str) -> dict[str, float]:
+        return {"crawl_s": round(statistics.median(r.crawl_s for r in runs[label]), 2),
+                "wall_s": round(statistics.median(r.wall_s for r in runs[label]), 2),
+                "renderings": statistics.median(r.renderings for r in runs[label])}
+
     result = {
         "products": products, "rounds": rounds,
+        "medians": {label: medians(label) for label in runs},
+        "page_reuse_speedup": {
+            label: round(ratio(label, f"{label} (new pages)"), 2)
+            for label in runs if f"{label} (new pages)" in runs},
         "router_vs_all_browser": round(ratio("router", "all-browser"), 2) if all_browser else None,
         "router_vs_oracle": round(ratio("router", "oracle"), 2),
         "runs": {label: [r.summary() for r in rs] for label, rs in runs.items()},
@@ -209,7 +241,19 @@ def throughput(products: int, rounds: int, all_browser: bool = True) -> dict[str
         print(f"router vs all-browser: {result['router_vs_all_browser']}x (target >= 5);",
               end=" ")
     print(f"router vs oracle: {result['router_vs_oracle']}x (target >= 0.9)", flush=True)
+    for label, speedup in result["page_reuse_speedup"].items():
+        print(f"{label}: pages reused against a new page each: {speedup}x", flush=True)
     return result
+
+
+def _median_between(samples: list[tuple[int, float]], low: int, high: float) -> float:
+    """The median RSS of the samples taken with *low* to *high* pages crawled:
+    one sample moves by 100-200 MiB as Chromium starts and ends renderer
+    processes, more than the growth looked for."""
+    window = [rss for crawled, rss in samples if low <= crawled < high]
+    if not window:
+        raise RuntimeError(f"no sample between {low} and {high} pages: {samples[-3:]}")
+    return statistics.median(window)
 
 
 def _at(samples: list[tuple[int, float]], pages: int) -> float:
@@ -243,16 +287,23 @@ def memory(products: int) -> dict[str, Any]:
             result = run(label, shop.url, settings, {"browser": "all"}, memory=True)
             check_items(result, products)
             at_200, end = _at(result.memory, 200), result.memory[-1][1]
+            # The same, as medians: pages 200-400 and the last 200 pages.
+            early = _median_between(result.memory, 200, 400)
+            late = _median_between(result.memory, result.pages - 200, math.inf)
             out[label] = {
                 "pages": result.pages, "rss_mb_after_200_pages": round(at_200, 1),
                 "rss_mb_at_end": round(end, 1), "end_vs_200": round(end / at_200, 2),
+                "rss_mb_median_200_to_400_pages": round(early, 1),
+                "rss_mb_median_last_200_pages": round(late, 1),
+                "median_end_vs_200": round(late / early, 2),
                 "rss_mb_max": round(max(rss for _, rss in result.memory), 1),
                 "pages_per_s": round(result.pages_per_s, 2),
                 "samples": [(p, round(r, 1)) for p, r in result.memory[::4]],
                 "summary": result.summary(), "log_problems": list(result.problems[:10]),
             }
             print(f"  {label:24} RSS {at_200:7.1f} MiB after 200 pages, {end:7.1f} MiB at the"
-                  f" end ({result.pages} pages): {end / at_200:.2f}x;"
+                  f" end ({result.pages} pages): {end / at_200:.2f}x; medians {early:.0f} MiB"
+                  f" (pages 200-400), {late:.0f} MiB (last 200): {late / early:.2f}x;"
                   f" {result.pages_per_s:.2f} pages/s", flush=True)
     return out
 
@@ -265,19 +316,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round, 100 and 300 products")
     parser.add_argument("--skip-all-browser", action="store_true",
                         help="router and oracle only in part a")
+    parser.add_argument("--page-reuse-off-too", action="store_true",
+                        help="each configuration of part a also with a new page for each"
+                             " rendering (SPEEDUP_BROWSER_PAGE_REUSE_ENABLED=False)")
+    parser.add_argument("--skip-throughput", action="store_true", help="part b only")
     parser.add_argument("--skip-memory", action="store_true",
                         help="part a only (results in browser-throughput-<products>.json)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.products, args.memory_products = 1, 100, 300
-    print(f"a. pages/s, {args.products} products, {args.rounds} rounds", flush=True)
-    results = {"throughput": throughput(args.products, args.rounds, not args.skip_all_browser)}
+    results: dict[str, Any] = {}
+    if not args.skip_throughput:
+        print(f"a. pages/s, {args.products} products, {args.rounds} rounds", flush=True)
+        results["throughput"] = throughput(args.products, args.rounds,
+                                           not args.skip_all_browser, args.page_reuse_off_too)
     if args.skip_memory:
         write_results(f"browser-throughput-{args.products}", results)
         return
     print(f"b. browser memory, all-browser crawl of {args.memory_products} products", flush=True)
     results["memory"] = memory(args.memory_products)
-    write_results("browser", results)
+    write_results("browser" if "throughput" in results else "browser-memory", results)
 
 
 if __name__ == "__main__":
