@@ -138,3 +138,22 @@ async def test_a_page_whose_rendering_failed_is_closed_not_reused() -> None:
 ])
 def test_which_pages_may_be_reused(meta: dict[str, Any], reusable: bool) -> None:
     assert _page_reusable(Request("http://127.0.0.1/", meta=meta)) is reusable
+
+
+@pytest.mark.parametrize("spider", [ShopSpider, _MarkingSpider], ids=["reusable", "mixed"])
+@inprocess
+async def test_idle_pages_do_not_starve_a_context_of_its_pages(spider: type[ShopSpider]) -> None:
+    # An idle page holds its place in its context's page limit
+    # (PLAYWRIGHT_MAX_PAGES_PER_CONTEXT): a page that waits for a place, or
+    # one that may not be rendered in an idle page (an init script), must get
+    # one, not wait for the handler's outer timeout (2 x 5 + 30 s) and fail.
+    shop = ShopResource(products=9, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(spider, {**BROWSER, "SPEEDUP_BROWSER_TIMEOUT_SECONDS": 5,
+                                   "SPEEDUP_BROWSER_MAX_PAGES": 2,
+                                   "PLAYWRIGHT_MAX_PAGES_PER_CONTEXT": 1},
+                          url=url, meta=ALL_BROWSER, timeout=30)
+    assert run.finish_reason == "finished"
+    assert len(run.items) == 9
+    assert not run.stat("speedup/browser/timeout_count")
+    assert run.stat("speedup/browser/page_reused_count") >= 1

@@ -200,6 +200,9 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         #: Pages done well and kept open for the next page, by context name.
         #: Each still holds its place in its context's page limit.
         self._idle_pages: dict[str, list[Any]] = {}
+        #: Requests opening a new page, by context name: they may wait for a
+        #: place in its page limit that only an idle page's closing gives back.
+        self._opening: Counter[str] = Counter()
         self.gate = _PageGate(self.max_pages)
         if config.browser_router_enabled:
             BrowserRouter.of(crawler).gates.append(self.gate)
@@ -320,7 +323,23 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                     assert self._speedup_crawler.stats is not None
                     self._speedup_crawler.stats.inc_value(_STAT + "page_reused_count")
                     return page
-        page = await super()._create_page(request, spider)
+        if name is not None:
+            # Idle pages hold their places in the context's page limit
+            # (PLAYWRIGHT_MAX_PAGES_PER_CONTEXT): one that does not go to this
+            # page gives its place up, or this page might wait for one forever.
+            wrapper = self.context_wrappers.get(name)
+            idle = self._idle_pages.get(name, [])
+            if idle and wrapper is not None and wrapper.semaphore.locked():
+                with contextlib.suppress(PlaywrightError):
+                    await idle.pop().close()  # not to be reused: really closed
+            self._opening[name] += 1
+        try:
+            page = await super()._create_page(request, spider)
+        finally:
+            if name is not None:
+                self._opening[name] -= 1
+                if not self._opening[name]:
+                    del self._opening[name]  # (a name a context had, once)
         if self.page_reuse and name is not None:
             self._keep_on_close(page, name)
         setattr(page, _REUSE_ATTR, reuse)
@@ -335,7 +354,10 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             idle = self._idle_pages.setdefault(name, [])
             if (args or kwargs or not getattr(page, _REUSE_ATTR, False) or page.is_closed()
                     or name in self._retired or name not in self.context_wrappers
-                    or len(idle) >= self.max_pages):
+                    or len(idle) >= self.max_pages
+                    # A page waits for a place in the context's limit: this one's.
+                    or (self._opening[name] > 0
+                        and self.context_wrappers[name].semaphore.locked())):
                 await close(*args, **kwargs)
                 return
             setattr(page, _REUSE_ATTR, False)  # until it is handed out again
