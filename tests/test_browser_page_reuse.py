@@ -157,3 +157,40 @@ async def test_idle_pages_do_not_starve_a_context_of_its_pages(spider: type[Shop
     assert len(run.items) == 9
     assert not run.stat("speedup/browser/timeout_count")
     assert run.stat("speedup/browser/page_reused_count") >= 1
+
+
+_REMEMBER = (b"<script>document.body.setAttribute('data-before',"
+             b" (sessionStorage.getItem('seen') || '') + '|' + window.name);"
+             b" sessionStorage.setItem('seen', location.pathname);"
+             b" window.name = location.pathname;</script></body>")
+
+
+class _Remembers(ShopResource):
+    """Each page remembers itself in the tab's sessionStorage and window.name,
+    which a page's navigation keeps, and shows what it found there."""
+
+    def _body(self, path: bytes) -> tuple[bytes, bytes] | None:
+        found = super()._body(path)
+        if found is None or not found[1].startswith(b"text/html"):
+            return found
+        return found[0].replace(b"</body>", _REMEMBER), found[1]
+
+
+class _BeforeSpider(ShopSpider):
+    def parse_product(self, response: Response) -> Iterator[dict[str, Any]]:
+        for item in super().parse_product(response):
+            yield {**item, "before": response.css("body::attr(data-before)").get()}
+
+
+@inprocess
+async def test_a_reused_page_forgets_the_last_pages_session() -> None:
+    # A new page starts with an empty sessionStorage and window.name; a
+    # reused one must too, or a page renders what the one before it left.
+    shop = _Remembers(products=6, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(_BeforeSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 1},
+                          url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    assert len(run.items) == 6
+    assert run.stat("speedup/browser/page_reused_count") >= 5
+    assert {item["before"] for item in run.items} == {"|"}

@@ -90,6 +90,9 @@ _REUSE_SAFE_METHODS = frozenset({
     "wait_for_selector", "wait_for_load_state", "wait_for_timeout", "wait_for_function",
     "wait_for_url", "evaluate", "screenshot", "pdf", "content", "title",
 })
+#: The tab's sessionStorage (of the page's origin) and window.name, which
+#: survive a navigation; about:blank's sessionStorage throws.
+_FORGET_SESSION = "() => { window.name = ''; try { sessionStorage.clear() } catch (e) {} }"
 #: Set on a Playwright page while the handler may hand it to the next
 #: request of its context once this one is done.
 _REUSE_ATTR = "_speedup_reuse"
@@ -365,6 +368,9 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                 # Each rendering routes "**" anew (scrapy-playwright's handler
                 # for its request): the last one's goes.
                 await page.unroute("**")
+                # What a tab keeps across its navigations, and a new page has
+                # not: the next page would render what this one left there.
+                await page.evaluate(_FORGET_SESSION)
             except PlaywrightError:
                 with contextlib.suppress(PlaywrightError):
                     await close()
