@@ -4,7 +4,7 @@ never in one that something of the project's touched."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -194,3 +194,34 @@ async def test_a_reused_page_forgets_the_last_pages_session() -> None:
     assert len(run.items) == 6
     assert run.stat("speedup/browser/page_reused_count") >= 5
     assert {item["before"] for item in run.items} == {"|"}
+
+
+class _UnavailableOnce(ShopResource):
+    """The first fetch of the first listing answers 503."""
+
+    def render_GET(self, request: Any) -> int:  # noqa: N802 - Twisted's name
+        if request.path == b"/shop/list/0.html" and not self.served["unavailable"]:
+            self.served["unavailable"] += 1
+            request.setResponseCode(503)
+            return b"<html><body><h1>Busy</h1></body></html>"  # type: ignore[return-value]
+        return super().render_GET(request)
+
+
+class _FragmentSpider(ShopSpider):
+    async def start(self) -> AsyncIterator[Request]:
+        yield Request(f"{self.url}/shop/list/0.html#top", callback=self.parse, meta=self.meta)
+
+
+@inprocess
+async def test_a_retry_of_a_url_with_a_fragment_loads_it_again() -> None:
+    # A page at the same URL but for the fragment navigates within its
+    # document: a retry of a 503 in the page that rendered it would be the
+    # 503's document again, as a 200 without headers.
+    shop = _UnavailableOnce(products=6, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(_FragmentSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 1},
+                          url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    assert shop.served["list"] == 1  # after the 503
+    assert run.stat("downloader/response_status_count/503") == 1
+    assert _items(run) == expected_items(6)

@@ -47,6 +47,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urldefrag
 
 from playwright._impl._errors import TargetClosedError
 from playwright.async_api import Error as PlaywrightError
@@ -321,6 +322,13 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             idle = self._idle_pages.get(name, [])
             while idle:
                 page = idle.pop()
+                if "#" in request.url and urldefrag(page.url)[0] == urldefrag(request.url)[0]:
+                    # Its document's URL but for the fragment: page.goto would
+                    # only scroll it (no response: a 200 without headers), not
+                    # load it again, as a retry of a 503 must.
+                    with contextlib.suppress(PlaywrightError):
+                        await page.close()  # not to be reused while idle: really closed
+                    continue
                 if not page.is_closed():
                     setattr(page, _REUSE_ATTR, True)
                     assert self._speedup_crawler.stats is not None
