@@ -4,6 +4,7 @@ never in one that something of the project's touched."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -225,3 +226,47 @@ async def test_a_retry_of_a_url_with_a_fragment_loads_it_again() -> None:
     assert shop.served["list"] == 1  # after the 503
     assert run.stat("downloader/response_status_count/503") == 1
     assert _items(run) == expected_items(6)
+
+
+_LATER = (b"<script>setTimeout(() => { new Image().src = '/shop/img/0.png';"
+          b" fetch('/shop/data/0.js'); }, 100);</script></body>")
+
+
+class _FetchesLater(ShopResource):
+    """Each page fetches an image and a script a tenth of a second after it loads."""
+
+    def _body(self, path: bytes) -> tuple[bytes, bytes] | None:
+        found = super()._body(path)
+        if found is None or not found[1].startswith(b"text/html"):
+            return found
+        return found[0].replace(b"</body>", _LATER), found[1]
+
+
+class _SlowSpider(ShopSpider):
+    """Its callbacks take half a second: the page that rendered sits idle."""
+
+    async def parse(self, response: Response) -> AsyncIterator[Request]:  # type: ignore[override]
+        await asyncio.sleep(0.5)
+        for request in super().parse(response):
+            yield request
+
+    async def parse_product(self, response: Response) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        await asyncio.sleep(0.5)
+        for item in super().parse_product(response):
+            yield item
+
+
+@inprocess
+async def test_an_idle_pages_document_fetches_nothing() -> None:
+    # A page closed after its rendering fetched nothing more; one kept idle
+    # must not either: its document's fetches no longer go through the
+    # page's route, which blocks images (SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES).
+    shop = _FetchesLater(products=2, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(_SlowSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 1},
+                          url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    assert len(run.items) == 2
+    assert run.stat("speedup/browser/page_reused_count") >= 1
+    assert shop.served["img"] == 0
+    assert shop.served["data"] == 0

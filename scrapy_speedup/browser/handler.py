@@ -99,6 +99,12 @@ _FORGET_SESSION = "() => { window.name = ''; try { sessionStorage.clear() } catc
 _REUSE_ATTR = "_speedup_reuse"
 
 
+async def _abort(route: Any) -> None:
+    """An idle page's route: it fetches nothing."""
+    with contextlib.suppress(PlaywrightError):
+        await route.abort()
+
+
 def _page_reusable(request: Request) -> bool:
     """Whether nothing the project asked of *request*'s page can outlive its
     next navigation (see the module's doc)."""
@@ -330,6 +336,12 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                         await page.close()  # not to be reused while idle: really closed
                     continue
                 if not page.is_closed():
+                    try:
+                        await page.unroute("**")  # _abort, for the next rendering's
+                    except PlaywrightError:
+                        with contextlib.suppress(PlaywrightError):
+                            await page.close()  # not to be reused while idle: really closed
+                        continue
                     setattr(page, _REUSE_ATTR, True)
                     assert self._speedup_crawler.stats is not None
                     self._speedup_crawler.stats.inc_value(_STAT + "page_reused_count")
@@ -374,8 +386,12 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             setattr(page, _REUSE_ATTR, False)  # until it is handed out again
             try:
                 # Each rendering routes "**" anew (scrapy-playwright's handler
-                # for its request): the last one's goes.
+                # for its request): the last one's goes. While idle, what the
+                # document still fetches (a timer's, a refresh's) is aborted:
+                # a closed page fetched nothing more, and unrouted it would
+                # escape PLAYWRIGHT_ABORT_REQUEST (the blocked resource types).
                 await page.unroute("**")
+                await page.route("**", _abort)
                 # What a tab keeps across its navigations, and a new page has
                 # not: the next page would render what this one left there.
                 await page.evaluate(_FORGET_SESSION)
