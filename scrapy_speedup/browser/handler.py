@@ -336,12 +336,6 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                         await page.close()  # not to be reused while idle: really closed
                     continue
                 if not page.is_closed():
-                    try:
-                        await page.unroute("**")  # _abort, for the next rendering's
-                    except PlaywrightError:
-                        with contextlib.suppress(PlaywrightError):
-                            await page.close()  # not to be reused while idle: really closed
-                        continue
                     setattr(page, _REUSE_ATTR, True)
                     assert self._speedup_crawler.stats is not None
                     self._speedup_crawler.stats.inc_value(_STAT + "page_reused_count")
@@ -390,6 +384,8 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                 # document still fetches (a timer's, a refresh's) is aborted:
                 # a closed page fetched nothing more, and unrouted it would
                 # escape PLAYWRIGHT_ABORT_REQUEST (the blocked resource types).
+                # The next rendering's route, the last one, comes first: it
+                # answers every request, and _abort goes with it here.
                 await page.unroute("**")
                 await page.route("**", _abort)
                 # What a tab keeps across its navigations, and a new page has
