@@ -270,3 +270,37 @@ async def test_an_idle_pages_document_fetches_nothing() -> None:
     assert run.stat("speedup/browser/page_reused_count") >= 1
     assert shop.served["img"] == 0
     assert shop.served["data"] == 0
+
+
+class _ShrinkSpider(ShopSpider):
+    """Four product pages at once, then, with the handler's pages at once cut
+    to one (as a machine short of memory does), four more one after another;
+    each of these says how many pages its context held idle."""
+
+    def parse_product(self, response: Response) -> Iterator[Any]:
+        yield from super().parse_product(response)
+        self.done = getattr(self, "done", 0) + 1
+        if self.done == 4:
+            self.handler = self.crawler.engine.downloader.handlers._handlers["http"]
+            self.handler.gate.resize(1)
+            yield response.follow("/shop/item/1.html", callback=self.parse_after,
+                                  meta=self.meta, dont_filter=True, cb_kwargs={"n": 1})
+
+    def parse_after(self, response: Response, n: int) -> Iterator[Any]:
+        yield {"idle": sum(map(len, self.handler._idle_pages.values()))}
+        if n < 4:
+            yield response.follow(f"/shop/item/{n + 1}.html", callback=self.parse_after,
+                                  meta=self.meta, dont_filter=True, cb_kwargs={"n": n + 1})
+
+
+@inprocess
+async def test_idle_pages_beyond_the_pages_at_once_are_closed() -> None:
+    # The handler cuts the pages it renders at once when memory runs short:
+    # pages kept idle past that number hold their documents for nothing.
+    shop = ShopResource(products=4, latency_s=0.3)
+    with listening(shop) as url:
+        run = await crawl(_ShrinkSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 4},
+                          url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    assert run.stat("playwright/page_count/max_concurrent") >= 2
+    assert [item["idle"] for item in run.items if "idle" in item][-1] <= 1

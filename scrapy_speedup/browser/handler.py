@@ -371,7 +371,9 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             idle = self._idle_pages.setdefault(name, [])
             if (args or kwargs or not getattr(page, _REUSE_ATTR, False) or page.is_closed()
                     or name in self._retired or name not in self.context_wrappers
-                    or len(idle) >= self.max_pages
+                    # No more than the pages rendered at once, which the
+                    # handler cuts when memory runs short (_tick).
+                    or len(idle) >= self.gate.limit
                     # A page waits for a place in the context's limit: this one's.
                     or (self._opening[name] > 0
                         and self.context_wrappers[name].semaphore.locked())):
