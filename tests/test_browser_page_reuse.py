@@ -27,6 +27,12 @@ def _items(run: Any) -> dict[str, dict[str, Any]]:
             for item in run.items}
 
 
+def _never_cut(run: Any) -> bool:
+    """Whether the handler kept its two pages at once all along (a busy
+    machine makes it cut them, and keep fewer pages idle)."""
+    return bool(run.stats.get("speedup/browser/pages_limit_min", 2) >= 2)
+
+
 @pytest.mark.parametrize("reuse", [True, False], ids=["reused", "not-reused"])
 @inprocess
 async def test_pages_are_navigated_again_not_opened_anew(reuse: bool) -> None:
@@ -42,8 +48,9 @@ async def test_pages_are_navigated_again_not_opened_anew(reuse: bool) -> None:
     assert rendered == 42
     opened = run.stat("playwright/page_count")
     if reuse:
-        # At most two pages at once, in one context: two pages in all.
-        assert opened <= 2
+        # At most two pages at once, in one context: two pages in all, unless
+        # a busy machine cut the pages at once (then fewer are kept idle).
+        assert opened <= 2 if _never_cut(run) else opened < rendered
         assert run.stat("speedup/browser/page_reused_count") == rendered - opened
     else:
         assert opened == rendered
@@ -63,8 +70,10 @@ async def test_a_recycled_contexts_pages_close_with_it() -> None:
     # 42 pages, 5 to a context: 9 contexts, never more than 2 pages each.
     assert run.stat("playwright/context_count") == 9
     assert run.stat("speedup/browser/context_recycled_count") == 8
-    assert run.stat("playwright/page_count") <= 2 * 9
-    assert run.stat("speedup/browser/page_reused_count") >= 42 - 2 * 9
+    if _never_cut(run):
+        assert run.stat("playwright/page_count") <= 2 * 9
+        assert run.stat("speedup/browser/page_reused_count") >= 42 - 2 * 9
+    assert run.stat("speedup/browser/page_reused_count") >= 1
 
 
 _MARK = "window.addEventListener('DOMContentLoaded', () =>" \
