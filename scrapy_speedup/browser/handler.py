@@ -47,6 +47,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urldefrag
 
 from playwright._impl._errors import TargetClosedError
 from playwright.async_api import Error as PlaywrightError
@@ -90,9 +91,18 @@ _REUSE_SAFE_METHODS = frozenset({
     "wait_for_selector", "wait_for_load_state", "wait_for_timeout", "wait_for_function",
     "wait_for_url", "evaluate", "screenshot", "pdf", "content", "title",
 })
+#: The tab's sessionStorage (of the page's origin) and window.name, which
+#: survive a navigation; about:blank's sessionStorage throws.
+_FORGET_SESSION = "() => { window.name = ''; try { sessionStorage.clear() } catch (e) {} }"
 #: Set on a Playwright page while the handler may hand it to the next
 #: request of its context once this one is done.
 _REUSE_ATTR = "_speedup_reuse"
+
+
+async def _abort(route: Any) -> None:
+    """An idle page's route: it fetches nothing."""
+    with contextlib.suppress(PlaywrightError):
+        await route.abort()
 
 
 def _page_reusable(request: Request) -> bool:
@@ -200,6 +210,9 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         #: Pages done well and kept open for the next page, by context name.
         #: Each still holds its place in its context's page limit.
         self._idle_pages: dict[str, list[Any]] = {}
+        #: Requests opening a new page, by context name: they may wait for a
+        #: place in its page limit that only an idle page's closing gives back.
+        self._opening: Counter[str] = Counter()
         self.gate = _PageGate(self.max_pages)
         if config.browser_router_enabled:
             BrowserRouter.of(crawler).gates.append(self.gate)
@@ -315,12 +328,35 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             idle = self._idle_pages.get(name, [])
             while idle:
                 page = idle.pop()
+                if "#" in request.url and urldefrag(page.url)[0] == urldefrag(request.url)[0]:
+                    # Its document's URL but for the fragment: page.goto would
+                    # only scroll it (no response: a 200 without headers), not
+                    # load it again, as a retry of a 503 must.
+                    with contextlib.suppress(PlaywrightError):
+                        await page.close()  # not to be reused while idle: really closed
+                    continue
                 if not page.is_closed():
                     setattr(page, _REUSE_ATTR, True)
                     assert self._speedup_crawler.stats is not None
                     self._speedup_crawler.stats.inc_value(_STAT + "page_reused_count")
                     return page
-        page = await super()._create_page(request, spider)
+        if name is not None:
+            # Idle pages hold their places in the context's page limit
+            # (PLAYWRIGHT_MAX_PAGES_PER_CONTEXT): one that does not go to this
+            # page gives its place up, or this page might wait for one forever.
+            wrapper = self.context_wrappers.get(name)
+            idle = self._idle_pages.get(name, [])
+            if idle and wrapper is not None and wrapper.semaphore.locked():
+                with contextlib.suppress(PlaywrightError):
+                    await idle.pop().close()  # not to be reused: really closed
+            self._opening[name] += 1
+        try:
+            page = await super()._create_page(request, spider)
+        finally:
+            if name is not None:
+                self._opening[name] -= 1
+                if not self._opening[name]:
+                    del self._opening[name]  # (a name a context had, once)
         if self.page_reuse and name is not None:
             self._keep_on_close(page, name)
         setattr(page, _REUSE_ATTR, reuse)
@@ -335,14 +371,28 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             idle = self._idle_pages.setdefault(name, [])
             if (args or kwargs or not getattr(page, _REUSE_ATTR, False) or page.is_closed()
                     or name in self._retired or name not in self.context_wrappers
-                    or len(idle) >= self.max_pages):
+                    # No more than the pages rendered at once, which the
+                    # handler cuts when memory runs short (_tick).
+                    or len(idle) >= self.gate.limit
+                    # A page waits for a place in the context's limit: this one's.
+                    or (self._opening[name] > 0
+                        and self.context_wrappers[name].semaphore.locked())):
                 await close(*args, **kwargs)
                 return
             setattr(page, _REUSE_ATTR, False)  # until it is handed out again
             try:
                 # Each rendering routes "**" anew (scrapy-playwright's handler
-                # for its request): the last one's goes.
+                # for its request): the last one's goes. While idle, what the
+                # document still fetches (a timer's, a refresh's) is aborted:
+                # a closed page fetched nothing more, and unrouted it would
+                # escape PLAYWRIGHT_ABORT_REQUEST (the blocked resource types).
+                # The next rendering's route, the last one, comes first: it
+                # answers every request, and _abort goes with it here.
                 await page.unroute("**")
+                await page.route("**", _abort)
+                # What a tab keeps across its navigations, and a new page has
+                # not: the next page would render what this one left there.
+                await page.evaluate(_FORGET_SESSION)
             except PlaywrightError:
                 with contextlib.suppress(PlaywrightError):
                     await close()
