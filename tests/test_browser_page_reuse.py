@@ -237,8 +237,11 @@ async def test_a_retry_of_a_url_with_a_fragment_loads_it_again() -> None:
     assert _items(run) == expected_items(6)
 
 
+# A second after it loads: the page is idle by then (its callback sleeps
+# longer), not still being read and made idle, which a loaded machine (make
+# test, two at a time) stretched past a tenth of a second.
 _LATER = (b"<script>setTimeout(() => { new Image().src = '/shop/img/0.png';"
-          b" fetch('/shop/data/0.js'); }, 100);</script></body>")
+          b" fetch('/shop/data/0.js'); }, 1000);</script></body>")
 
 
 class _FetchesLater(ShopResource):
@@ -252,15 +255,15 @@ class _FetchesLater(ShopResource):
 
 
 class _SlowSpider(ShopSpider):
-    """Its callbacks take half a second: the page that rendered sits idle."""
+    """Its callbacks take two seconds: the page that rendered sits idle."""
 
     async def parse(self, response: Response) -> AsyncIterator[Request]:  # type: ignore[override]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(2)
         for request in super().parse(response):
             yield request
 
     async def parse_product(self, response: Response) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(2)
         for item in super().parse_product(response):
             yield item
 
@@ -313,3 +316,38 @@ async def test_idle_pages_beyond_the_pages_at_once_are_closed() -> None:
     assert run.finish_reason == "finished"
     assert run.stat("playwright/page_count/max_concurrent") >= 2
     assert [item["idle"] for item in run.items if "idle" in item][-1] <= 1
+
+
+# A page that holds its main thread once it is asked to forget its session:
+# making it idle cannot finish.
+_HANGS_WHEN_IDLE = (b"<script>Object.defineProperty(window, 'name', {set() {"
+                    b" for (;;) {} }, get() { return ''; }});</script></body>")
+
+
+class _HangsWhenIdle(ShopResource):
+    def _body(self, path: bytes) -> tuple[bytes, bytes] | None:
+        found = super()._body(path)
+        if found is None or not path.startswith(b"/shop/item/1."):
+            return found
+        return found[0].replace(b"</body>", _HANGS_WHEN_IDLE), found[1]
+
+
+@inprocess
+async def test_a_page_that_cannot_be_made_idle_is_closed_and_its_rendering_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from scrapy_speedup.browser import handler
+
+    monkeypatch.setattr(handler, "_IDLE_SETUP_S", 1.0)
+    shop = _HangsWhenIdle(products=6, latency_s=0.02)
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 1,
+                                       "SPEEDUP_BROWSER_TIMEOUT_SECONDS": 10},
+                          url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    # Its rendering went well: kept, not failed and retried.
+    assert _items(run) == expected_items(6)
+    assert not run.stat("speedup/browser/timeout_count")
+    assert not run.stat("retry/count")
+    # It was closed: the next page opened a new one.
+    assert run.stat("playwright/page_count") == 2

@@ -91,6 +91,9 @@ _REUSE_SAFE_METHODS = frozenset({
     "wait_for_selector", "wait_for_load_state", "wait_for_timeout", "wait_for_function",
     "wait_for_url", "evaluate", "screenshot", "pdf", "content", "title",
 })
+#: How long making a page idle may take (three quick calls) before it is
+#: closed instead.
+_IDLE_SETUP_S = 5.0
 #: The tab's sessionStorage (of the page's origin) and window.name, which
 #: survive a navigation; about:blank's sessionStorage throws.
 _FORGET_SESSION = "() => { window.name = ''; try { sessionStorage.clear() } catch (e) {} }"
@@ -381,19 +384,11 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                 return
             setattr(page, _REUSE_ATTR, False)  # until it is handed out again
             try:
-                # Each rendering routes "**" anew (scrapy-playwright's handler
-                # for its request): the last one's goes. While idle, what the
-                # document still fetches (a timer's, a refresh's) is aborted:
-                # a closed page fetched nothing more, and unrouted it would
-                # escape PLAYWRIGHT_ABORT_REQUEST (the blocked resource types).
-                # The next rendering's route, the last one, comes first: it
-                # answers every request, and _abort goes with it here.
-                await page.unroute("**")
-                await page.route("**", _abort)
-                # What a tab keeps across its navigations, and a new page has
-                # not: the next page would render what this one left there.
-                await page.evaluate(_FORGET_SESSION)
-            except PlaywrightError:
+                async with asyncio.timeout(_IDLE_SETUP_S):
+                    await self._make_idle(page)
+            except (PlaywrightError, TimeoutError):
+                # A page that cannot be made idle at once (its script holds
+                # its main thread, say) is closed: its rendering went well.
                 with contextlib.suppress(PlaywrightError):
                     await close()
                 return
@@ -402,9 +397,28 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         def crashed(*_: Any) -> None:
             with contextlib.suppress(ValueError):
                 self._idle_pages.get(name, []).remove(page)
+                # Idle and crashed: closed, or its target stays until its context goes.
+                task = asyncio.ensure_future(close())
+                task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
         page.close = keep_or_close
         page.on("crash", crashed)
+
+    @staticmethod
+    async def _make_idle(page: Any) -> None:
+        """Make a page that rendered well ready for the next page of its context."""
+        # Each rendering routes "**" anew (scrapy-playwright's handler
+        # for its request): the last one's goes. While idle, what the
+        # document still fetches (a timer's, a refresh's) is aborted:
+        # a closed page fetched nothing more, and unrouted it would
+        # escape PLAYWRIGHT_ABORT_REQUEST (the blocked resource types).
+        # The next rendering's route, the last one, comes first: it
+        # answers every request, and _abort goes with it here.
+        await page.unroute("**")
+        await page.route("**", _abort)
+        # What a tab keeps across its navigations, and a new page has
+        # not: the next page would render what this one left there.
+        await page.evaluate(_FORGET_SESSION)
 
     async def _create_browser_context(self, *args: Any, **kwargs: Any) -> Any:
         wrapper = await super()._create_browser_context(*args, **kwargs)
