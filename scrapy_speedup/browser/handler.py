@@ -24,7 +24,12 @@ What it adds to :class:`ScrapyPlaywrightDownloadHandler`, for requests with
   ``playwright_page``, one with ``playwright_page_init_callback`` or
   ``playwright_page_event_handlers``, or page methods other than waits,
   ``evaluate`` and captures (:data:`_REUSE_SAFE_METHODS`); what such a page
-  does can outlive its navigation. ``SPEEDUP_BROWSER_PAGE_REUSE_ENABLED``.
+  does can outlive its navigation. An idle page forgets its tab's session
+  (``sessionStorage``, ``window.name``), aborts whatever its document still
+  fetches, gives up its place in its context's page limit to a page that
+  waits for one, and is closed when making it idle takes more than
+  :data:`_IDLE_SETUP_S`, or when the next URL differs only by its fragment
+  (``page.goto`` would only scroll). ``SPEEDUP_BROWSER_PAGE_REUSE_ENABLED``.
 * **A timeout on every browser operation**: the navigation and every page
   operation (Playwright's default timeouts), and the whole of a page's
   rendering, page methods included: past ``SPEEDUP_BROWSER_TIMEOUT_SECONDS``
