@@ -1,6 +1,7 @@
 """The browser over a crawl, with a real Chromium: contexts recycled, a page
 past its timeout closed and retried, a killed browser restarted with no page
-lost, Ctrl-C leaving no Chromium behind, the gate on open pages."""
+lost, pages of a killed renderer rendered again, Ctrl-C leaving no Chromium
+behind, the gate on open pages."""
 
 from __future__ import annotations
 
@@ -85,12 +86,15 @@ async def test_a_page_past_its_timeout_is_closed_and_retried(timeouts: dict[str,
     assert run.stat("playwright/page_count/max_concurrent") == 1
 
 
-def _kill_browser() -> list[int]:
+def _kill_browser(renderers_only: bool = False) -> list[int]:
+    """SIGKILL this test's Chromium processes (only its renderers: the
+    browser lives on); their pids."""
     killed = []
     for process in chromium_processes():
         try:
-            process.send_signal(signal.SIGKILL)
-            killed.append(process.pid)
+            if not renderers_only or "--type=renderer" in process.cmdline():
+                process.send_signal(signal.SIGKILL)
+                killed.append(process.pid)
         except psutil.NoSuchProcess:
             pass
     return killed
@@ -123,6 +127,36 @@ async def test_a_killed_browser_is_restarted_and_no_page_is_lost() -> None:
     # calls to the dead browser unanswered: 70 s, then a retry).
     assert not run.stat("speedup/browser/timeout_count")
     assert not any(code in str(err) for _, err in run.spider_errors for code in ("Target",))
+    assert not chromium_processes()
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["pages-reused", "new-pages"])
+@inprocess
+async def test_pages_whose_renderer_was_killed_are_rendered_again_at_once(reuse: bool) -> None:
+    # A renderer killed (the out-of-memory killer's first pick) crashes its
+    # pages: one read as it crashed failed with "Target crashed", which no
+    # middleware retries (the item was lost); one navigating waited out its
+    # timeout. The browser itself lives on.
+    shop = ShopResource(products=60, latency_s=0.1)
+    killed: list[int] = []
+
+    def on_item(item: Any) -> None:
+        if len(killed) == 0 and item["url"].endswith("/8.html"):
+            killed.extend(_kill_browser(renderers_only=True))
+
+    def during(crawler: Any) -> None:
+        crawler.signals.connect(on_item, signal=signals.item_scraped)
+
+    with listening(shop) as url:
+        run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_PAGE_REUSE_ENABLED": reuse},
+                          url=url, lists=3, meta=ALL_BROWSER, during=during, timeout=90)
+    run._keep = on_item  # type: ignore[attr-defined]  # signals hold weak references
+    assert killed, "no renderer was running to kill"
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(60)
+    assert run.stat("speedup/browser/page_crash_count") >= 1
+    assert not run.stat("speedup/browser/timeout_count")
+    assert not run.stat("speedup/browser/restart_count")
     assert not chromium_processes()
 
 

@@ -38,7 +38,8 @@ What it adds to :class:`ScrapyPlaywrightDownloadHandler`, for requests with
   context's page limit (#6, #133, #266).
 * **A crashed browser restarted.** When Chromium dies, the pages it was
   rendering fail; the handler launches a new browser and renders them again
-  (up to 3 times a page), so none is lost.
+  (up to 3 times a page), so none is lost. A page whose renderer alone died
+  (killed, out of memory) fails at once and is rendered again in a new page.
 * **Stats**: time in the browser per page, the browser's RSS, contexts
   recycled, restarts, timeouts (docs/reference/stats.rst).
 """
@@ -204,6 +205,43 @@ def _unless_gone(
     return unless_gone
 
 
+class PageCrashedError(PlaywrightError):  # type: ignore[misc]
+    """The page's renderer died (killed, out of memory) while it rendered."""
+
+
+def _crashed(exc: BaseException) -> bool:
+    """Whether a Playwright error says the page's renderer died: ours, or
+    Playwright's ("Target crashed" from a call to it, "Page crashed" from its
+    navigation)."""
+    return isinstance(exc, PageCrashedError) or "crashed" in str(exc).lower()
+
+
+async def _unless_crashed(page: Any, rendering: Awaitable[Any]) -> Any:
+    """*rendering* of *page*, failing with :class:`PageCrashedError` as soon
+    as the page crashes: a crashed page's navigation waited out its timeout
+    (Playwright does not always fail it), and then RetryMiddleware's retry."""
+    crashed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_crash(*_: Any) -> None:
+        if not crashed.done():
+            crashed.set_result(None)
+
+    page.on("crash", on_crash)
+    task = asyncio.ensure_future(rendering)
+    try:
+        await asyncio.wait({task, crashed}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        page.remove_listener("crash", on_crash)
+    if task.done():
+        return task.result()
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    raise PageCrashedError("the page crashed while it rendered")
+
+
 class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore[misc]
     """Set by the add-on for http and https when the browser is on."""
 
@@ -283,13 +321,20 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                         f"the browser took more than {2 * self.timeout_s + _LAUNCH_S:g} s to"
                         f" open a page for {request.url} (SPEEDUP_BROWSER_TIMEOUT_SECONDS)"
                     ) from None
-                except PlaywrightError:
-                    if attempt == _CRASH_RETRIES or not self._browser_died():
+                except PlaywrightError as exc:
+                    died = self._browser_died()
+                    if attempt == _CRASH_RETRIES or not (died or _crashed(exc)):
                         raise
-                    logger.warning("scrapy-speedup: the browser died while rendering %s;"
-                                   " restarting it and rendering the page again", request.url,
-                                   extra={"crawler": self._speedup_crawler})
-                    await self._forget_dead_browser()
+                    if died:
+                        logger.warning("scrapy-speedup: the browser died while rendering %s;"
+                                       " restarting it and rendering the page again",
+                                       request.url, extra={"crawler": self._speedup_crawler})
+                        await self._forget_dead_browser()
+                    else:
+                        stats.inc_value(_STAT + "page_crash_count")
+                        logger.warning("scrapy-speedup: the page rendering %s crashed (%s);"
+                                       " rendering it again in a new page", request.url, exc,
+                                       extra={"crawler": self._speedup_crawler})
                 finally:
                     if name is not None:
                         await self._page_done(name)
@@ -309,8 +354,8 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         try:
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    return await super()._download_request_with_page(  # type: ignore[no-any-return]
-                        request, page, spider
+                    return await _unless_crashed(  # type: ignore[no-any-return]
+                        page, super()._download_request_with_page(request, page, spider)
                     )
             except BaseException:
                 # A page whose rendering failed is closed, not reused: what
@@ -367,6 +412,7 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                     del self._opening[name]  # (a name a context had, once)
         if self.page_reuse and name is not None:
             self._keep_on_close(page, name)
+        self._close_when_crashed(page)
         setattr(page, _REUSE_ATTR, reuse)
         return page
 
@@ -400,13 +446,27 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
             idle.append(page)
 
         def crashed(*_: Any) -> None:
+            setattr(page, _REUSE_ATTR, False)  # closed for real below
             with contextlib.suppress(ValueError):
                 self._idle_pages.get(name, []).remove(page)
-                # Idle and crashed: closed, or its target stays until its context goes.
-                task = asyncio.ensure_future(close())
-                task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
         page.close = keep_or_close
+        # Before _close_when_crashed's listener (added first, called first).
+        page.on("crash", crashed)
+
+    @staticmethod
+    def _close_when_crashed(page: Any) -> None:
+        """Close a page whose renderer died (killed, out of memory): its
+        pending calls then fail with ``TargetClosedError``, which
+        scrapy-playwright answers by rendering the request again in a new
+        page. Left open, a crashed page's navigation waited out its timeout,
+        and a page read as it crashed failed with a Playwright error that no
+        middleware retries: the page was lost."""
+
+        def crashed(*_: Any) -> None:
+            task = asyncio.ensure_future(page.close())
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
         page.on("crash", crashed)
 
     @staticmethod
