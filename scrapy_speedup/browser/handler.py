@@ -456,12 +456,11 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
 
     @staticmethod
     def _close_when_crashed(page: Any) -> None:
-        """Close a page whose renderer died (killed, out of memory): its
-        pending calls then fail with ``TargetClosedError``, which
-        scrapy-playwright answers by rendering the request again in a new
-        page. Left open, a crashed page's navigation waited out its timeout,
-        and a page read as it crashed failed with a Playwright error that no
-        middleware retries: the page was lost."""
+        """Close a page whose renderer died (killed, out of memory), idle or
+        not: it can render nothing more, and open it kept its target and its
+        place in its context's page limit until the context closed. Its
+        rendering, if one was under way, is rendered again: see
+        :func:`_unless_crashed` and ``download_request``."""
 
         def crashed(*_: Any) -> None:
             task = asyncio.ensure_future(page.close())
