@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 from playwright._impl._errors import TargetClosedError
-from scrapy import signals
+from scrapy import Request, signals
 
 from scrapy_speedup.browser.handler import _PageGate, _unless_gone
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items
@@ -370,3 +370,37 @@ def test_page_gate_does_not_grow_in_a_busy_second() -> None:
     finally:
         loop.close()
     assert limits == [5, 5, 6, 6]
+
+
+class _CrashedInPath(ShopResource):
+    """A page whose URL says "crashed" and whose server drops the connection:
+    a Playwright error (net::ERR_EMPTY_RESPONSE at .../crashed.html), no crash."""
+
+    def render_GET(self, request: Any) -> int:  # noqa: N802 - Twisted's name
+        if b"crashed" in request.path:
+            self.served["crashed"] += 1
+            request.transport.abortConnection()
+            return 1  # NOT_DONE_YET
+        return super().render_GET(request)
+
+
+class _ListAndCrashedSpider(ShopSpider):
+    async def start(self) -> Any:
+        async for request in super().start():
+            yield request
+        yield Request(f"{self.url}/news/car-crashed-into-shop.html", meta=self.meta,
+                      callback=self.parse_product)
+
+
+@inprocess
+async def test_an_error_that_names_a_url_with_crashed_is_not_a_crash() -> None:
+    shop = _CrashedInPath(products=20, latency_s=0)
+    with listening(shop) as url:
+        run = await crawl(_ListAndCrashedSpider, BROWSER, url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    assert by_path(run) == expected_items(20)
+    # Failed once, as without the browser: not rendered again as a crashed page.
+    assert shop.served["crashed"] == 1
+    assert not run.stat("speedup/browser/page_crash_count")
+    assert not chromium_processes()
+
