@@ -404,3 +404,41 @@ async def test_an_error_that_names_a_url_with_crashed_is_not_a_crash() -> None:
     assert not run.stat("speedup/browser/page_crash_count")
     assert not chromium_processes()
 
+
+class _CrashesItsRenderer(ShopResource):
+    """Product 3's page crashes its renderer each time it is rendered."""
+
+    def render_GET(self, request: Any) -> int:  # noqa: N802 - Twisted's name
+        if request.path == b"/shop/item/3.html":
+            self.served["crashing"] += 1
+            _kill_browser(renderers_only=True)
+            return 1  # NOT_DONE_YET: the renderer is gone
+        return super().render_GET(request)
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["pages-reused", "new-pages"])
+@inprocess
+async def test_a_page_that_crashes_each_time_fails_after_its_retries(reuse: bool) -> None:
+    shop = _CrashesItsRenderer(products=20, latency_s=0)
+    failures: list[BaseException] = []
+
+    def on_error(failure: Any) -> None:
+        failures.append(failure.value)
+
+    class Spider(ShopSpider):
+        def parse(self, response: Any) -> Any:
+            for request in super().parse(response):
+                yield request.replace(errback=on_error)
+
+    with listening(shop) as url:
+        # One page at a time: only product 3's page crashes.
+        run = await crawl(Spider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 1,
+                                   "SPEEDUP_BROWSER_PAGE_REUSE_ENABLED": reuse},
+                          url=url, meta=ALL_BROWSER, timeout=60)
+    assert run.finish_reason == "finished"
+    assert len(run.items) == 19
+    assert shop.served["crashing"] == 4  # rendered, then 3 times again
+    assert run.stat("speedup/browser/page_crash_count") == 3
+    assert len(failures) == 1 and "crashed" in str(failures[0]), failures
+    assert not run.stat("speedup/browser/timeout_count")
+    assert not chromium_processes()
