@@ -340,6 +340,13 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                                        request.url, extra={"crawler": self._speedup_crawler})
                         await self._forget_dead_browser()
                     else:
+                        # Not in the same page: a page given to the callback
+                        # (playwright_include_page) is in the meta from the
+                        # first rendering, and scrapy-playwright renders again
+                        # in it while it is open; a crashed page is closed only
+                        # later (_close_when_crashed), and each retry failed at
+                        # once ("Page.route: Target crashed"): the page was lost.
+                        request.meta.pop("playwright_page", None)
                         stats.inc_value(_STAT + "page_crash_count")
                         logger.warning("scrapy-speedup: the page rendering %s crashed (%s);"
                                        " rendering it again in a new page", request.url, exc,
