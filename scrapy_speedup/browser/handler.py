@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -209,11 +210,19 @@ class PageCrashedError(PlaywrightError):  # type: ignore[misc]
     """The page's renderer died (killed, out of memory) while it rendered."""
 
 
+#: Playwright's words for a page whose renderer died: "Target crashed" (a
+#: call to it), "Page crashed" and "Navigation failed because page crashed!"
+#: (its navigation). Those words, not "crashed" anywhere: an error names the
+#: page's URL ("net::ERR_CONNECTION_RESET at https://…/car-crashed.html"),
+#: and a page that failed so was rendered 3 times more and counted a crash.
+#: (A URL has no spaces.)
+_CRASHED_WORDS = re.compile(r"\b(?:target|page) crashed\b", re.IGNORECASE)
+
+
 def _crashed(exc: BaseException) -> bool:
     """Whether a Playwright error says the page's renderer died: ours, or
-    Playwright's ("Target crashed" from a call to it, "Page crashed" from its
-    navigation)."""
-    return isinstance(exc, PageCrashedError) or "crashed" in str(exc).lower()
+    Playwright's (:data:`_CRASHED_WORDS`)."""
+    return isinstance(exc, PageCrashedError) or bool(_CRASHED_WORDS.search(str(exc)))
 
 
 async def _unless_crashed(page: Any, rendering: Awaitable[Any]) -> Any:
@@ -331,6 +340,13 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                                        request.url, extra={"crawler": self._speedup_crawler})
                         await self._forget_dead_browser()
                     else:
+                        # Not in the same page: a page given to the callback
+                        # (playwright_include_page) is in the meta from the
+                        # first rendering, and scrapy-playwright renders again
+                        # in it while it is open; a crashed page is closed only
+                        # later (_close_when_crashed), and each retry failed at
+                        # once ("Page.route: Target crashed"): the page was lost.
+                        request.meta.pop("playwright_page", None)
                         stats.inc_value(_STAT + "page_crash_count")
                         logger.warning("scrapy-speedup: the page rendering %s crashed (%s);"
                                        " rendering it again in a new page", request.url, exc,
