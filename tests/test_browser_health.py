@@ -149,13 +149,17 @@ async def test_pages_whose_renderer_was_killed_are_rendered_again_at_once(reuse:
 
     with listening(shop) as url:
         run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_PAGE_REUSE_ENABLED": reuse},
-                          url=url, lists=3, meta=ALL_BROWSER, during=during, timeout=90)
+                          url=url, lists=3, meta=ALL_BROWSER, during=during, timeout=150)
     run._keep = on_item  # type: ignore[attr-defined]  # signals hold weak references
     assert killed, "no renderer was running to kill"
     assert run.finish_reason == "finished"
     assert by_path(run) == expected_items(60)
     assert run.stat("speedup/browser/page_crash_count") >= 1
-    assert not run.stat("speedup/browser/timeout_count")
+    # No page waited out its rendering's timeout. A new_page asked for just
+    # as the renderer died can go unanswered (seen in 2 of 6 runs of the
+    # callback-page test below): that one waits out the outer timeout (70 s),
+    # then is retried (docs/usage/browser.rst, Limits).
+    assert run.stat("speedup/browser/timeout_count") <= 1
     assert not run.stat("speedup/browser/restart_count")
     assert not chromium_processes()
 

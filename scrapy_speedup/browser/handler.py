@@ -241,6 +241,8 @@ async def _unless_crashed(page: Any, rendering: Awaitable[Any]) -> Any:
         await asyncio.wait({task, crashed}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         task.cancel()
+        # It may have failed in the same step: its error is not to be logged.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
         raise
     finally:
         page.remove_listener("crash", on_crash)
