@@ -403,9 +403,12 @@ async def test_an_error_that_names_a_url_with_crashed_is_not_a_crash() -> None:
         run = await crawl(_ListAndCrashedSpider, BROWSER, url=url, meta=ALL_BROWSER, timeout=60)
     assert run.finish_reason == "finished"
     assert by_path(run) == expected_items(20)
-    # Failed once, as without the browser: not rendered again as a crashed page.
-    assert shop.served["crashed"] == 1
+    # Failed, as without the browser: not rendered again as a crashed page
+    # (which would be 4 renderings). Served once, or twice when Chromium sent
+    # it on a kept-alive connection: it retries a reset one once itself
+    # (seen under make test).
     assert not run.stat("speedup/browser/page_crash_count")
+    assert shop.served["crashed"] <= 2
     assert not chromium_processes()
 
 
