@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -44,6 +45,14 @@ class ShopSpider(Spider):
             "title": response.css("h1::text").get(),
             "price": response.css("p.price::text").get(),
         }
+
+
+def by_path(run: Any) -> dict[str, dict[str, Any]]:
+    """A crawl's items by URL path ({title, price}), each path once."""
+    paths = ["/" + item["url"].split("/", 3)[3] for item in run.items]
+    assert len(paths) == len(set(paths)), Counter(paths).most_common(3)  # no duplicates
+    return {path: {"title": item["title"], "price": item["price"]}
+            for path, item in zip(paths, run.items, strict=True)}
 
 
 def chromium_processes() -> list[psutil.Process]:

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,13 @@ from scrapy import Request, signals
 
 from scrapy_speedup.browser.handler import _PageGate, _unless_gone
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items
-from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
+from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, by_path, chromium_processes
 from tests.conftest import Crawl, DemoSite
-from tests.inprocess import CrawlRun, crawl, inprocess, listening
+from tests.inprocess import crawl, inprocess, listening
 
 BROWSER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ENABLED": True}
 ALL_BROWSER = {"playwright": True}
 
-
-def by_path(run: CrawlRun) -> dict[str, dict[str, Any]]:
-    paths = ["/" + item["url"].split("/", 3)[3] for item in run.items]
-    assert len(paths) == len(set(paths)), Counter(paths).most_common(3)
-    return {path: {"title": item["title"], "price": item["price"]}
-            for path, item in zip(paths, run.items, strict=True)}
 
 
 @inprocess

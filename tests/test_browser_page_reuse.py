@@ -15,16 +15,27 @@ from scrapy_playwright.page import PageMethod
 
 from scrapy_speedup.browser.handler import _page_reusable
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items
-from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
+from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, by_path, chromium_processes
 from tests.inprocess import crawl, inprocess, listening
 
 BROWSER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ENABLED": True}
 ALL_BROWSER = {"playwright": True}
 
 
-def _items(run: Any) -> dict[str, dict[str, Any]]:
-    return {"/" + item["url"].split("/", 3)[3]: {"title": item["title"], "price": item["price"]}
-            for item in run.items}
+class _ShopWithScript(ShopResource):
+    """The shop, with *script* at the end of the body of its HTML pages
+    (those whose path starts with *only*)."""
+
+    def __init__(self, script: bytes, only: bytes = b"/", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.script, self.only = script, only
+
+    def _body(self, path: bytes) -> tuple[bytes, bytes] | None:
+        found = super()._body(path)
+        if (found is None or not found[1].startswith(b"text/html")
+                or not path.startswith(self.only)):
+            return found
+        return found[0].replace(b"</body>", self.script + b"</body>"), found[1]
 
 
 def _never_cut(run: Any) -> bool:
@@ -42,7 +53,7 @@ async def test_pages_are_navigated_again_not_opened_anew(reuse: bool) -> None:
                                        "SPEEDUP_BROWSER_PAGE_REUSE_ENABLED": reuse},
                           url=url, lists=2, meta=ALL_BROWSER)
     assert run.finish_reason == "finished"
-    assert _items(run) == expected_items(40)
+    assert by_path(run) == expected_items(40)
     assert len(run.items) == 40
     rendered = run.stat("speedup/browser/rendered_count")
     assert rendered == 42
@@ -66,7 +77,7 @@ async def test_a_recycled_contexts_pages_close_with_it() -> None:
                                        "SPEEDUP_BROWSER_CONTEXT_MAX_PAGES": 5},
                           url=url, lists=2, meta=ALL_BROWSER)
     assert run.finish_reason == "finished"
-    assert _items(run) == expected_items(40)
+    assert by_path(run) == expected_items(40)
     # 42 pages, 5 to a context: 9 contexts, never more than 2 pages each.
     assert run.stat("playwright/context_count") == 9
     assert run.stat("speedup/browser/context_recycled_count") == 8
@@ -126,7 +137,7 @@ async def test_a_page_whose_rendering_failed_is_closed_not_reused() -> None:
                                        "SPEEDUP_BROWSER_MAX_PAGES": 1, "RETRY_TIMES": 1},
                           url=url, meta=ALL_BROWSER, timeout=60)
     assert run.finish_reason == "finished"
-    assert _items(run) == expected_items(20)
+    assert by_path(run) == expected_items(20)
     assert run.stat("speedup/browser/timeout_count") == 1
     # One page at a time: the one that timed out was closed, a second one
     # rendered the rest.
@@ -169,21 +180,12 @@ async def test_idle_pages_do_not_starve_a_context_of_its_pages(spider: type[Shop
     assert run.stat("speedup/browser/page_reused_count") >= 1
 
 
+# Each page remembers itself in the tab's sessionStorage and window.name,
+# which a page's navigation keeps, and shows what it found there.
 _REMEMBER = (b"<script>document.body.setAttribute('data-before',"
              b" (sessionStorage.getItem('seen') || '') + '|' + window.name);"
              b" sessionStorage.setItem('seen', location.pathname);"
-             b" window.name = location.pathname;</script></body>")
-
-
-class _Remembers(ShopResource):
-    """Each page remembers itself in the tab's sessionStorage and window.name,
-    which a page's navigation keeps, and shows what it found there."""
-
-    def _body(self, path: bytes) -> tuple[bytes, bytes] | None:
-        found = super()._body(path)
-        if found is None or not found[1].startswith(b"text/html"):
-            return found
-        return found[0].replace(b"</body>", _REMEMBER), found[1]
+             b" window.name = location.pathname;</script>")
 
 
 class _BeforeSpider(ShopSpider):
@@ -196,7 +198,7 @@ class _BeforeSpider(ShopSpider):
 async def test_a_reused_page_forgets_the_last_pages_session() -> None:
     # A new page starts with an empty sessionStorage and window.name; a
     # reused one must too, or a page renders what the one before it left.
-    shop = _Remembers(products=6, latency_s=0.02)
+    shop = _ShopWithScript(_REMEMBER, products=6, latency_s=0.02)
     with listening(shop) as url:
         run = await crawl(_BeforeSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 1},
                           url=url, meta=ALL_BROWSER, timeout=60)
@@ -234,24 +236,15 @@ async def test_a_retry_of_a_url_with_a_fragment_loads_it_again() -> None:
     assert run.finish_reason == "finished"
     assert shop.served["list"] == 1  # after the 503
     assert run.stat("downloader/response_status_count/503") == 1
-    assert _items(run) == expected_items(6)
+    assert by_path(run) == expected_items(6)
 
 
-# A second after it loads: the page is idle by then (its callback sleeps
-# longer), not still being read and made idle, which a loaded machine (make
-# test, two at a time) stretched past a tenth of a second.
+# Each page fetches an image and a script a second after it loads: the page
+# is idle by then (its callback sleeps longer), not still being read and made
+# idle, which a loaded machine (make test, two at a time) stretched past a
+# tenth of a second.
 _LATER = (b"<script>setTimeout(() => { new Image().src = '/shop/img/0.png';"
-          b" fetch('/shop/data/0.js'); }, 1000);</script></body>")
-
-
-class _FetchesLater(ShopResource):
-    """Each page fetches an image and a script a tenth of a second after it loads."""
-
-    def _body(self, path: bytes) -> tuple[bytes, bytes] | None:
-        found = super()._body(path)
-        if found is None or not found[1].startswith(b"text/html"):
-            return found
-        return found[0].replace(b"</body>", _LATER), found[1]
+          b" fetch('/shop/data/0.js'); }, 1000);</script>")
 
 
 class _SlowSpider(ShopSpider):
@@ -273,7 +266,7 @@ async def test_an_idle_pages_document_fetches_nothing() -> None:
     # A page closed after its rendering fetched nothing more; one kept idle
     # must not either: its document's fetches no longer go through the
     # page's route, which blocks images (SPEEDUP_BROWSER_BLOCKED_RESOURCE_TYPES).
-    shop = _FetchesLater(products=2, latency_s=0.02)
+    shop = _ShopWithScript(_LATER, products=2, latency_s=0.02)
     with listening(shop) as url:
         run = await crawl(_SlowSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 1},
                           url=url, meta=ALL_BROWSER, timeout=60)
@@ -321,15 +314,7 @@ async def test_idle_pages_beyond_the_pages_at_once_are_closed() -> None:
 # A page that holds its main thread once it is asked to forget its session:
 # making it idle cannot finish.
 _HANGS_WHEN_IDLE = (b"<script>Object.defineProperty(window, 'name', {set() {"
-                    b" for (;;) {} }, get() { return ''; }});</script></body>")
-
-
-class _HangsWhenIdle(ShopResource):
-    def _body(self, path: bytes) -> tuple[bytes, bytes] | None:
-        found = super()._body(path)
-        if found is None or not path.startswith(b"/shop/item/1."):
-            return found
-        return found[0].replace(b"</body>", _HANGS_WHEN_IDLE), found[1]
+                    b" for (;;) {} }, get() { return ''; }});</script>")
 
 
 @inprocess
@@ -339,14 +324,15 @@ async def test_a_page_that_cannot_be_made_idle_is_closed_and_its_rendering_kept(
     from scrapy_speedup.browser import handler
 
     monkeypatch.setattr(handler, "_IDLE_SETUP_S", 1.0)
-    shop = _HangsWhenIdle(products=6, latency_s=0.02)
+    shop = _ShopWithScript(_HANGS_WHEN_IDLE, only=b"/shop/item/1.", products=6,
+                           latency_s=0.02)
     with listening(shop) as url:
         run = await crawl(ShopSpider, {**BROWSER, "SPEEDUP_BROWSER_MAX_PAGES": 1,
                                        "SPEEDUP_BROWSER_TIMEOUT_SECONDS": 10},
                           url=url, meta=ALL_BROWSER, timeout=60)
     assert run.finish_reason == "finished"
     # Its rendering went well: kept, not failed and retried.
-    assert _items(run) == expected_items(6)
+    assert by_path(run) == expected_items(6)
     assert not run.stat("speedup/browser/timeout_count")
     assert not run.stat("retry/count")
     # It was closed: the next page opened a new one.

@@ -17,7 +17,7 @@ from scrapy.http import Response
 
 from scrapy_speedup.browser.router import BrowserRouter
 from scrapy_speedup.demo.jsshop import ShopResource, expected_items, kind_of
-from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, chromium_processes
+from tests.browser_shop import BROWSER_SETTINGS, ShopSpider, by_path, chromium_processes
 from tests.conftest import timing
 from tests.inprocess import CrawlRun, crawl, inprocess, listening, reactor
 
@@ -25,12 +25,6 @@ from tests.inprocess import CrawlRun, crawl, inprocess, listening, reactor
 ROUTER: dict[str, Any] = {**BROWSER_SETTINGS, "SPEEDUP_BROWSER_ROUTER_ENABLED": True,
                           "SPEEDUP_BROWSER_SAMPLES": 3}
 
-
-def by_path(run: CrawlRun) -> dict[str, dict[str, Any]]:
-    paths = ["/" + item["url"].split("/", 3)[3] for item in run.items]
-    assert len(paths) == len(set(paths)), Counter(paths).most_common(3)  # no duplicates
-    return {path: {"title": item["title"], "price": item["price"]}
-            for path, item in zip(paths, run.items, strict=True)}
 
 
 def table(caplog: pytest.LogCaptureFixture) -> str:

@@ -430,7 +430,7 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                     del self._opening[name]  # (a name a context had, once)
         if self.page_reuse and name is not None:
             self._keep_on_close(page, name)
-        self._close_when_crashed(page)
+        self._close_when_crashed(page, name)
         setattr(page, _REUSE_ATTR, reuse)
         return page
 
@@ -463,17 +463,9 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
                 return
             idle.append(page)
 
-        def crashed(*_: Any) -> None:
-            setattr(page, _REUSE_ATTR, False)  # closed for real below
-            with contextlib.suppress(ValueError):
-                self._idle_pages.get(name, []).remove(page)
-
         page.close = keep_or_close
-        # Before _close_when_crashed's listener (added first, called first).
-        page.on("crash", crashed)
 
-    @staticmethod
-    def _close_when_crashed(page: Any) -> None:
+    def _close_when_crashed(self, page: Any, name: str | None) -> None:
         """Close a page whose renderer died (killed, out of memory), idle or
         not: it can render nothing more, and open it kept its target and its
         place in its context's page limit until the context closed. Its
@@ -481,6 +473,9 @@ class SpeedupPlaywrightHandler(ScrapyPlaywrightDownloadHandler):  # type: ignore
         :func:`_unless_crashed` and ``download_request``."""
 
         def crashed(*_: Any) -> None:
+            setattr(page, _REUSE_ATTR, False)  # closed for real, not kept idle
+            with contextlib.suppress(ValueError):
+                self._idle_pages.get(name or "", []).remove(page)
             task = asyncio.ensure_future(page.close())
             task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
